@@ -1,0 +1,5 @@
+import sys
+
+from rtmdet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,20 @@
+"""Project exceptions: one sentence naming the file, the item and the problem.
+
+The CLI prints these without a traceback and exits non-zero.
+"""
+
+
+class RTMDetError(Exception):
+    """Base class for every error rtmdet reports to a user."""
+
+
+class ConfigError(RTMDetError):
+    """A bad model size, activation, parameter or params.yaml key."""
+
+
+class CheckpointError(RTMDetError):
+    """A missing, corrupt or incompatible checkpoint file."""
+
+
+class DataError(RTMDetError):
+    """A dataset, annotation file or image that cannot be used."""

@@ -1,0 +1,40 @@
+"""Inference backends: each turns a uint8 BGR batch into raw per-level head outputs.
+
+A backend is small: `__call__(images_uint8 [N, 3, S, S]) -> (cls_scores, bbox_preds)` with, per
+level, class logits [N, C, H, W] and distances in pixels [N, 4, H, W] as torch tensors. Everything
+before (letterbox) and after (decode, NMS) is shared in `Detector`, so backends differ only here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from rtmdet.models.detector import RTMDet
+
+
+class Backend(Protocol):
+    """What a Detector needs from a runtime."""
+
+    strides: tuple[int, ...]
+
+    def __call__(self, images_uint8: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]: ...
+
+
+class TorchBackend:
+    """Runs an RTMDet module; normalization uses the model's own mean/std."""
+
+    def __init__(self, model: "RTMDet", device: str | torch.device = "cpu", half: bool = False):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.strides = tuple(model.strides)
+        self.half = half and self.device.type == "cuda"
+
+    @torch.inference_mode()
+    def __call__(self, images_uint8: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        x = self.model.normalize(images_uint8.to(self.device, non_blocking=True))
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half):
+            cls_scores, bbox_preds = self.model(x)
+        return [c.float() for c in cls_scores], [b.float() for b in bbox_preds]

@@ -1,0 +1,91 @@
+"""`Detector`: images in, `Detections` out, through one pre-process and one post-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+
+from rtmdet.errors import DataError
+from rtmdet.imageio import read_image
+from rtmdet.inference.backends import Backend, TorchBackend
+from rtmdet.inference.detections import Detections
+from rtmdet.inference.postprocess import PostprocessConfig, postprocess_single
+from rtmdet.inference.preprocess import letterbox, to_chw_tensor
+
+ImageInput = Union[str, Path, np.ndarray]
+
+
+class Detector:
+    """Runs a detection backend on images of any size.
+
+    Images are file paths or numpy arrays in **BGR** order (HxWx3 uint8, as cv2.imread returns);
+    a HxW grayscale array is accepted too. Boxes come back in original-image pixels.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        class_names: Sequence[str],
+        image_size: int,
+        postprocess: PostprocessConfig = PostprocessConfig(),
+        batch_size: int = 8,
+    ):
+        self.backend = backend
+        self.class_names = list(class_names)
+        self.image_size = image_size
+        self.postprocess = postprocess
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> "Detector":
+        """A torch Detector from an rtmdet or mmdetection checkpoint; kwargs: PostprocessConfig fields,
+        `image_size` (default: the checkpoint's training size) and `batch_size`."""
+        from rtmdet.models.checkpoint import class_names_of, load_model
+
+        model, ckpt = load_model(path, device)
+        image_size = kwargs.pop("image_size", None) or model.cfg.image_size
+        batch_size = kwargs.pop("batch_size", 8)
+        post = PostprocessConfig(**kwargs)
+        names = class_names_of(ckpt, model.cfg.num_classes)
+        return cls(TorchBackend(model, device), names, image_size, post, batch_size)
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
+        """One image -> Detections; a list of images -> a list of Detections."""
+        single = isinstance(images, (str, Path, np.ndarray))
+        items = [images] if single else list(images)
+        results: list[Detections] = []
+        for start in range(0, len(items), self.batch_size):
+            results.extend(self._run_batch(items[start : start + self.batch_size]))
+        return results[0] if single else results
+
+    def _run_batch(self, items: list[ImageInput]) -> list[Detections]:
+        canvases, infos = [], []
+        for item in items:
+            canvas, info = letterbox(_as_bgr(item), self.image_size)
+            canvases.append(canvas)
+            infos.append(info)
+        cls_scores, bbox_preds = self.backend(to_chw_tensor(canvases))
+        out = []
+        for i, info in enumerate(infos):
+            boxes, scores, labels = postprocess_single(
+                [c[i] for c in cls_scores], [b[i] for b in bbox_preds], self.backend.strides,
+                (self.image_size, self.image_size), info.scale_wh, info.ori_hw, self.postprocess)
+            out.append(Detections(boxes.cpu().numpy().astype(np.float32), scores.cpu().numpy().astype(np.float32),
+                                  labels.cpu().numpy().astype(np.int64), self.class_names, info.ori_hw))
+        return out
+
+
+def _as_bgr(item: ImageInput) -> np.ndarray:
+    if isinstance(item, (str, Path)):
+        return read_image(item)
+    arr = np.asarray(item)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DataError(f"image array of shape {arr.shape}: expected HxWx3 BGR or HxW grayscale")
+    if arr.dtype != np.uint8:
+        raise DataError(f"image array of dtype {arr.dtype}: expected uint8 pixels")
+    return np.ascontiguousarray(arr)
