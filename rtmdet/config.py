@@ -1,0 +1,139 @@
+"""Typed sections of params.yaml, validated with errors that name the key.
+
+Every stage reads its own section plus `data` and `model` through `load_params`. An unknown or
+mistyped key is an error naming it (with the closest valid key), so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rtmdet.errors import ConfigError
+
+
+@dataclass
+class DataParams:
+    """Where the dataset is. `root: synthetic` means the embedded default dataset made by prepare."""
+
+    root: str = "synthetic"
+    # Explicit layout (mmdetection / SSCMA ann_file + img_prefix), relative to root; leave null for
+    # the Roboflow layout (root/train, root/valid, optional root/test).
+    train_ann_file: str | None = None
+    train_img_prefix: str | None = None
+    val_ann_file: str | None = None
+    val_img_prefix: str | None = None
+    test_ann_file: str | None = None
+    test_img_prefix: str | None = None
+    num_classes: int | None = None  # optional check against the classes found in the data
+    synthetic_seed: int = 0
+    synthetic_train: int = 400
+    synthetic_valid: int = 100
+
+
+@dataclass
+class ModelParams:
+    """Which RTMDet to build; null keeps the size's default."""
+
+    size: str = "nano"
+    imgsz: int = 192
+    act: str | None = None
+    channel_attention: bool | None = None
+    normalization: str | None = None
+    init: str | None = None  # null: from scratch; or a CSPNeXt backbone / full detector checkpoint
+
+
+@dataclass
+class TrainParams:
+    """The RTMDet recipe (mmdetection's values, lr scaled linearly with the batch)."""
+
+    epochs: int = 300
+    batch_size: int = 32
+    lr: float = 0.004  # at base_batch_size; the run uses lr * batch_size / base_batch_size
+    base_batch_size: int = 256
+    weight_decay: float = 0.05
+    warmup_iters: int = 1000
+    cosine_start: float = 0.5  # fraction of epochs after which lr follows a cosine to min_lr_ratio
+    min_lr_ratio: float = 0.05
+    stage2_epochs: int = 20  # last epochs without mosaic/mixup
+    ema: bool = True
+    ema_momentum: float = 0.0002
+    ema_gamma: float = 2000.0
+    amp: str = "auto"  # auto (bf16 where supported, else fp16 with a scaler), bf16, fp16, off
+    grad_clip: float | None = None
+    channels_last: bool = True
+    compile: bool = False
+    workers: int = 4
+    val_interval: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+
+SECTIONS: dict[str, type] = {"data": DataParams, "model": ModelParams, "train": TrainParams}
+
+
+def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (str, bool) and isinstance(value, t):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"params: {section}.{key} must be {names}, got {value!r}")
+
+
+def parse_section(section: str, raw: dict[str, Any] | None) -> Any:
+    """One section dict -> its dataclass; unknown keys and wrong types name the key."""
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: section '{section}' must be a mapping of keys to values")
+    values = {}
+    for key, value in raw.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=1)
+            hint = f" (did you mean '{section}.{close[0]}'?)" if close else f"; valid keys: {', '.join(hints)}"
+            raise ConfigError(f"params: unknown key '{section}.{key}'{hint}")
+        values[key] = _check_type(section, key, value, hints[key])
+    return cls(**values)
+
+
+def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Read params.yaml; returns {section: dataclass} for the requested (default: all) sections."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    for name in raw:
+        if name not in SECTIONS:
+            close = difflib.get_close_matches(str(name), list(SECTIONS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{path}: unknown section '{name}'{hint}")
+    wanted = sections or tuple(SECTIONS)
+    return {name: parse_section(name, raw.get(name)) for name in wanted}
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A params dataclass as a plain dict (for checkpoint meta and reports)."""
+    return dataclasses.asdict(obj)
