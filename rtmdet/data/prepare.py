@@ -1,0 +1,157 @@
+"""The prepare stage's logic: validate a dataset once, write a normalized copy and its statistics.
+
+Downstream stages read the normalized copy (`load_prepared`), so they see exactly the boxes
+and images that survived validation, and the skipped items are counted in one report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rtmdet.data.coco import load_dataset, summarize
+from rtmdet.data.records import DetectionDataset, DetectionSplit
+from rtmdet.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# COCO's area ranges, applied to boxes as the model sees them (after resizing to imgsz).
+SMALL, MEDIUM = 32**2, 96**2
+TINY_SIDE = 8  # boxes whose shorter side is under this many pixels at imgsz are hard to learn
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    """JSON to a temporary file, then rename: a killed stage never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def split_to_coco(split: DetectionSplit, dataset: DetectionDataset) -> dict[str, Any]:
+    """The validated split as COCO JSON with the user's image and category ids."""
+    images, annotations = [], []
+    ann_id = 1
+    for rec in split.records:
+        images.append({"id": rec.image_id, "file_name": os.path.relpath(rec.file, split.img_dir),
+                       "width": rec.width, "height": rec.height})
+        boxes = [(b, l, a, 0) for b, l, a in zip(rec.boxes, rec.labels, rec.areas)]
+        crowd = [(b, l, float((b[2] - b[0]) * (b[3] - b[1])), 1) for b, l in zip(rec.crowd_boxes, rec.crowd_labels)]
+        for box, label, area, iscrowd in boxes + crowd:
+            x1, y1, x2, y2 = (float(v) for v in box)
+            annotations.append({"id": ann_id, "image_id": rec.image_id, "category_id": dataset.category_ids[int(label)],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(area), "iscrowd": iscrowd})
+            ann_id += 1
+    categories = [{"id": c, "name": n, "supercategory": "none"} for n, c in zip(dataset.classes, dataset.category_ids)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def box_size_stats(split: DetectionSplit, imgsz: int) -> dict[str, int]:
+    """Boxes per COCO size bucket as the model sees them at imgsz, plus those under TINY_SIDE px."""
+    counts = {"small": 0, "medium": 0, "large": 0, f"under_{TINY_SIDE}px": 0}
+    for rec in split.records:
+        if not len(rec.boxes):
+            continue
+        scale = imgsz / max(rec.width, rec.height)
+        wh = (rec.boxes[:, 2:] - rec.boxes[:, :2]) * scale
+        area = wh[:, 0] * wh[:, 1]
+        counts["small"] += int((area < SMALL).sum())
+        counts["medium"] += int(((area >= SMALL) & (area < MEDIUM)).sum())
+        counts["large"] += int((area >= MEDIUM).sum())
+        counts[f"under_{TINY_SIDE}px"] += int((wh.min(axis=1) < TINY_SIDE).sum())
+    return counts
+
+
+def prepare(dataset: DetectionDataset, out_dir: Path, imgsz: int, num_classes: int | None = None) -> dict[str, Any]:
+    """Write out_dir/dataset.json + annotations/<split>.json and return the statistics dict."""
+    if num_classes is not None and num_classes != len(dataset.classes):
+        raise DataError(f"data.num_classes is {num_classes} but the dataset has {len(dataset.classes)} classes "
+                        f"({', '.join(dataset.classes)})")
+    splits = {}
+    for name, split in dataset.splits.items():
+        ann = out_dir / "annotations" / f"{name}.json"
+        write_json_atomic(split_to_coco(split, dataset), ann)
+        splits[name] = {"ann_file": f"annotations/{name}.json", "img_dir": os.path.relpath(split.img_dir, out_dir),
+                        "source_ann_file": str(split.ann_file)}
+    stats = summarize(dataset)
+    for name, split in dataset.splits.items():
+        sizes = box_size_stats(split, imgsz)
+        stats["splits"][name]["box_sizes_at_imgsz"] = sizes
+        boxes = stats["splits"][name]["boxes"]
+        if boxes and sizes[f"under_{TINY_SIDE}px"] > boxes / 2:
+            msg = (f"split {name}: {sizes[f'under_{TINY_SIDE}px']} of {boxes} boxes are under {TINY_SIDE} px "
+                   f"at imgsz {imgsz}; consider a larger model.imgsz")
+            log.warning(msg)
+            stats.setdefault("advice", []).append(msg)
+    stats["imgsz"] = imgsz
+    write_json_atomic(stats, out_dir / "stats.json")
+    # dataset.json last: its presence marks a complete prepared folder.
+    write_json_atomic({"classes": dataset.classes, "category_ids": dataset.category_ids, "splits": splits},
+                      out_dir / "dataset.json")
+    return stats
+
+
+def load_prepared(prepared_dir: Path, check_images: bool = False) -> DetectionDataset:
+    """The dataset a prepare stage wrote (validated already, so images are not re-opened by default)."""
+    index_file = Path(prepared_dir) / "dataset.json"
+    if not index_file.is_file():
+        raise DataError(f"{index_file}: prepared dataset not found; run the prepare stage first (dvc repro prepare)")
+    index = json.loads(index_file.read_text())
+    splits = {name: (prepared_dir / s["ann_file"], (prepared_dir / s["img_dir"]).resolve())
+              for name, s in index["splits"].items()}
+    dataset = load_dataset(splits=splits, check_images=check_images)
+    if dataset.classes != index["classes"]:
+        raise DataError(f"{index_file}: classes changed since prepare ({dataset.classes} vs {index['classes']})")
+    return dataset
+
+
+def plot_stats(stats: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Bar charts: boxes per class per split, and box sizes at imgsz per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(stats["splits"])
+    classes = stats["classes"]
+    written = []
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(classes) * len(names) + 2), 4.5), constrained_layout=True)
+    width = 0.8 / len(names)
+    x = np.arange(len(classes))
+    for i, name in enumerate(names):
+        counts = [stats["splits"][name]["per_class"].get(c, 0) for c in classes]
+        bars = ax.bar(x + i * width - 0.4 + width / 2, counts, width, label=name)
+        ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(x, classes, rotation=30 if len(classes) > 4 else 0, ha="right" if len(classes) > 4 else "center")
+    ax.set_ylabel("boxes")
+    ax.set_title("Boxes per class")
+    ax.legend()
+    written.append(_save(fig, out_dir / "boxes_per_class.png"))
+    buckets = ["small", "medium", "large"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
+    for i, name in enumerate(names):
+        counts = [stats["splits"][name]["box_sizes_at_imgsz"][b] for b in buckets]
+        bars = ax.bar(np.arange(3) + i * width - 0.4 + width / 2, counts, width, label=name)
+        ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(np.arange(3), ["small\n(< 32²)", "medium\n(32²–96²)", "large\n(≥ 96²)"])
+    ax.set_ylabel("boxes")
+    ax.set_title(f"Box sizes at the training size ({stats['imgsz']} px)")
+    ax.legend()
+    written.append(_save(fig, out_dir / "box_sizes.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
