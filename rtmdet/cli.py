@@ -11,7 +11,12 @@ from rtmdet import __version__
 from rtmdet.errors import RTMDetError
 
 # Each module provides add_parser(subparsers) and run(args) -> int.
-COMMANDS = ("rtmdet.inference.predict", "rtmdet.data.check", "rtmdet.data.show")
+COMMANDS = (
+    "rtmdet.inference.predict",
+    "rtmdet.data.check",
+    "rtmdet.data.show",
+    "rtmdet.evaluation.command",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,12 @@ def class_color(label: int) -> tuple[int, int, int]:
     return int(b * 255), int(g * 255), int(r * 255)
 
 
+def text_color(bgr: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black on light backgrounds, white on dark ones (relative luminance)."""
+    b, g, r = bgr
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
+
+
 def draw_boxes(
     image_bgr: np.ndarray,
     boxes: np.ndarray,
@@ -37,6 +43,7 @@ def draw_boxes(
         text = name if scores is None else f"{name} {float(scores[i]):.2f}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
         ty = y1 - 2 if y1 - th - base - 2 >= 0 else y1 + th + base + 2
-        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + base - 1), color, -1)
-        cv2.putText(out, text, (x1 + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255), 1, cv2.LINE_AA)
+        tx = max(0, min(x1, out.shape[1] - tw - 2))  # keep the caption inside the image
+        cv2.rectangle(out, (tx, ty - th - base), (tx + tw + 2, ty + base - 1), color, -1)
+        cv2.putText(out, text, (tx + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, text_color(color), 1, cv2.LINE_AA)
     return out

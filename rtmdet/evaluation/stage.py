@@ -1,0 +1,222 @@
+"""The evaluate stage: score a checkpoint on `valid` (and `test` when present) and write reports.
+
+Layout under out_dir (the pipeline points it at reports/):
+  metrics/evaluate.json            DVC metrics, one object per split: {"valid": {...}, "test": {...}};
+                                   each holds EvalResult.to_metrics() (mAP, mAP50, ..., AP/<class>,
+                                   AP50/<class>, images_per_s, num_images) plus precision_at_conf,
+                                   recall_at_conf, f1_at_conf at the confusion threshold
+  evaluate/results_<split>.json    COCO results (original category ids), what was scored
+  evaluate/per_class_<split>.csv   one row per class: class, category_id, num_gt, absent, AP, AP50,
+  evaluate/per_class_<split>.json  and tp, fp, fn, precision, recall at the confusion threshold
+  evaluate/pr_<split>.json         DVC plot data, rows {class, recall, precision} at IoU 0.50 (the
+                                   mean over classes as class "all classes")
+  evaluate/pr_<split>.png, confusion_<split>.png, per_class_ap_<split>.png, worst_<split>.png
+Every file is written to a temporary name in its folder and renamed, so a killed stage never
+leaves a half-written file. JSON never holds NaN: undefined numbers are null.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rtmdet.data.records import DetectionDataset, DetectionSplit
+from rtmdet.errors import DataError
+from rtmdet.evaluation.coco_eval import EvalResult, evaluate_detector
+from rtmdet.evaluation.confusion import ConfusionMatrix, confusion_matrix, image_errors, rank_worst
+from rtmdet.inference.detections import Detections
+from rtmdet.visualize import class_color
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = Path("metrics") / "evaluate.json"
+REPORT_DIR = Path("evaluate")
+MEAN_CLASS = "all classes"  # the class name of the mean curve in pr_<split>.json
+PER_CLASS_COLUMNS = ("class", "category_id", "num_gt", "absent", "AP", "AP50",
+                     "tp", "fp", "fn", "precision", "recall")  # fmt: skip
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write bytes or text to a temporary file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy with NaN/inf floats as None and numpy scalars as Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """JSON (NaN-free, UTF-8) written atomically."""
+    text = json.dumps(json_safe(obj), indent=indent, ensure_ascii=False, allow_nan=False)
+    write_atomic(path, text + "\n")
+
+
+def run_evaluation(
+    weights: str | Path, data: str | Path | DetectionDataset, out_dir: str | Path,
+    splits: Sequence[str] = ("valid", "test"), device: str = "cpu", score_thr_confusion: float = 0.3,
+    grid_images: int = 16, batch_size: int = 8, image_size: int | None = None,
+    iou_thr_confusion: float = 0.5, require_all: bool = False, progress: bool = True,
+) -> dict[str, EvalResult]:  # fmt: skip
+    """Score checkpoint `weights` on each split of `splits` the dataset has and write the reports
+    (see the module docstring). Missing splits are skipped unless require_all."""
+    from rtmdet.data.coco import load_dataset
+    from rtmdet.inference.predictor import Detector
+
+    dataset = data if isinstance(data, DetectionDataset) else load_dataset(data)
+    chosen = select_splits(dataset, splits, require_all)
+    detector = Detector.from_checkpoint(weights, device=device, image_size=image_size, batch_size=batch_size)
+    return evaluate_splits(detector, dataset, out_dir, chosen, score_thr_confusion=score_thr_confusion,
+                           iou_thr_confusion=iou_thr_confusion, grid_images=grid_images,
+                           batch_size=batch_size, progress=progress)  # fmt: skip
+
+
+def select_splits(dataset: DetectionDataset, splits: Sequence[str], require_all: bool = False) -> list[str]:
+    """The requested splits the dataset has; DataError when one is missing (require_all) or none is."""
+    chosen = [s for s in splits if s in dataset.splits]
+    missing = [s for s in splits if s not in dataset.splits]
+    have = ", ".join(dataset.splits)
+    if missing and (require_all or not chosen):
+        raise DataError(f"dataset has no {' or '.join(missing)} split (it has: {have})")
+    for name in missing:
+        log.info("no %s split in the dataset; not evaluated", name)
+    return chosen
+
+
+def evaluate_splits(
+    detector: Callable[[list[Path]], list[Detections]], dataset: DetectionDataset,
+    out_dir: str | Path, splits: Sequence[str], score_thr_confusion: float = 0.3,
+    iou_thr_confusion: float = 0.5, grid_images: int = 16, batch_size: int = 8, progress: bool = True,
+) -> dict[str, EvalResult]:  # fmt: skip
+    """Run any detector (torch, ONNX, TFLite) over the splits; write reports, then the metrics file
+    last, so a metrics file on disk means every report beside it is complete."""
+    out_dir = Path(out_dir)
+    results: dict[str, EvalResult] = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    for name in splits:
+        split = dataset.splits[name]
+        result = evaluate_detector(detector, split, dataset, batch_size=batch_size, progress=progress)
+        extra = write_split_reports(result, split, out_dir, score_thr_confusion, iou_thr_confusion,
+                                    grid_images)  # fmt: skip
+        results[name] = result
+        metrics[name] = {**result.to_metrics(), **extra}
+        log.info("%s: mAP %s, mAP50 %s over %d images", name, _fmt(result.stats["mAP"]),
+                 _fmt(result.stats["mAP50"]), result.num_images)  # fmt: skip
+    write_json_atomic(out_dir / METRICS_FILE, metrics)
+    log.info("wrote %s and reports in %s", out_dir / METRICS_FILE, out_dir / REPORT_DIR)
+    return results
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def write_split_reports(
+    result: EvalResult, split: DetectionSplit, out_dir: Path, score_thr: float = 0.3,
+    iou_thr: float = 0.5, grid_images: int = 16,
+) -> dict[str, float | None]:  # fmt: skip
+    """Write one split's results, tables, PR data and PNGs; return its metrics at the threshold."""
+    from rtmdet.evaluation import plots
+
+    folder = Path(out_dir) / REPORT_DIR
+    name = split.name
+    dets = result.detections or {}
+    cm = confusion_matrix(split.records, dets, result.classes, score_thr, iou_thr)
+    write_json_atomic(folder / f"results_{name}.json", result.results, indent=None)
+    rows = per_class_rows(result, cm)
+    write_json_atomic(folder / f"per_class_{name}.json", rows)
+    write_atomic(folder / f"per_class_{name}.csv", _csv(rows))
+    write_json_atomic(folder / f"pr_{name}.json", pr_rows(result))
+    title = f"{name} split ({result.num_images} images)"
+    figures = {
+        "pr": plots.pr_curves_figure(result, f"Precision-recall per class, {title}"),
+        "confusion": plots.confusion_figure(
+            cm, f"Confusion matrix, {title}, score >= {score_thr:g}, IoU >= {iou_thr:g}"),
+        "per_class_ap": plots.per_class_ap_figure(result, f"AP per class, {title}"),
+    }  # fmt: skip
+    for key, fig in figures.items():
+        write_atomic(folder / f"{key}_{name}.png", plots.figure_png(fig))
+    ranked = rank_worst(image_errors(split.records, dets, score_thr, iou_thr))
+    grid = plots.worst_images_grid(split.records, dets, ranked, result.classes, score_thr,
+                                   num_images=grid_images, iou_thr=iou_thr)  # fmt: skip
+    class_colors = [class_color(i) for i in range(len(result.classes))]
+    write_atomic(folder / f"worst_{name}.png", plots.image_png(grid, keep_colors=class_colors))
+    totals = cm.totals()
+    return {"precision_at_conf": totals["precision"], "recall_at_conf": totals["recall"],
+            "f1_at_conf": totals["f1"]}  # fmt: skip
+
+
+def per_class_rows(result: EvalResult, cm: ConfusionMatrix) -> list[dict[str, Any]]:
+    """The per-class table: COCO AP / AP50 and the confusion counts at the score threshold."""
+    rows = []
+    for row, counts in zip(result.per_class, cm.per_class(), strict=True):
+        rows.append({
+            "class": row["name"], "category_id": row["category_id"], "num_gt": row["num_gt"],
+            "absent": row["absent"], "AP": row["AP"], "AP50": row["AP50"],
+            **{k: counts[k] for k in ("tp", "fp", "fn", "precision", "recall")},
+        })  # fmt: skip
+    return rows
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    """CSV text; None becomes an empty cell, floats keep 6 decimals."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=PER_CLASS_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else round(v, 6) if isinstance(v, float) else v
+                         for k, v in row.items()})  # fmt: skip
+    return buf.getvalue()
+
+
+def pr_rows(result: EvalResult, iou: float = 0.5) -> list[dict[str, Any]]:
+    """DVC plot rows {class, recall, precision} per class with ground truth, then their mean."""
+    rows, curves = [], []
+    for label, name in enumerate(result.classes):
+        pr = result.pr_curve(label, iou=iou)
+        if pr is None:
+            continue
+        curves.append(pr[1])
+        rows += [{"class": name, "recall": round(float(r), 4), "precision": round(float(p), 4)}
+                 for r, p in zip(*pr, strict=True)]  # fmt: skip
+    if curves:
+        mean = np.mean(curves, axis=0)
+        rows += [{"class": MEAN_CLASS, "recall": round(float(r), 4), "precision": round(float(p), 4)}
+                 for r, p in zip(result.rec_thrs, mean, strict=True)]  # fmt: skip
+    return rows
