@@ -73,11 +73,26 @@ class TrainParams:
     compile: bool = False
     workers: int = 4
     val_interval: int = 10
+    stage2_val_interval: int = 1  # validation interval in the stage-2 epochs (mmdet: every epoch)
+    ckpt_interval_s: float = 300.0  # also write last.pt mid-epoch this often: a kill loses at most this much
+    log_interval: int = 10  # iterations between host syncs (progress bar, NaN check, mid-epoch checkpoint)
     seed: int = 0
     device: str = "auto"
 
 
-SECTIONS: dict[str, type] = {"data": DataParams, "model": ModelParams, "train": TrainParams}
+@dataclass
+class EvaluateParams:
+    """Scoring the best checkpoint on valid (and test when the dataset has one)."""
+
+    splits: list[str] | None = None  # null: valid and test (when present)
+    conf_thr: float = 0.3  # score threshold of the confusion matrix and the image grid
+    grid_images: int = 16
+    batch_size: int = 8
+    device: str = "auto"
+
+
+SECTIONS: dict[str, type] = {"data": DataParams, "model": ModelParams, "train": TrainParams,
+                             "evaluate": EvaluateParams}
 
 
 def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
@@ -85,13 +100,15 @@ def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
     if value is None and type(None) in allowed:
         return None
     for t in allowed:
+        if typing.get_origin(t) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t in (str, bool) and isinstance(value, t):
             return value
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    names = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
     raise ConfigError(f"params: {section}.{key} must be {names}, got {value!r}")
 
 

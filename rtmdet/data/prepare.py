@@ -17,20 +17,13 @@ import numpy as np
 from rtmdet.data.coco import load_dataset, summarize
 from rtmdet.data.records import DetectionDataset, DetectionSplit
 from rtmdet.errors import DataError
+from rtmdet.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 # COCO's area ranges, applied to boxes as the model sees them (after resizing to imgsz).
 SMALL, MEDIUM = 32**2, 96**2
 TINY_SIDE = 8  # boxes whose shorter side is under this many pixels at imgsz are hard to learn
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    """JSON to a temporary file, then rename: a killed stage never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def split_to_coco(split: DetectionSplit, dataset: DetectionDataset) -> dict[str, Any]:
@@ -75,7 +68,7 @@ def prepare(dataset: DetectionDataset, out_dir: Path, imgsz: int, num_classes: i
     splits = {}
     for name, split in dataset.splits.items():
         ann = out_dir / "annotations" / f"{name}.json"
-        write_json_atomic(split_to_coco(split, dataset), ann)
+        write_json_atomic(ann, split_to_coco(split, dataset))
         splits[name] = {"ann_file": f"annotations/{name}.json", "img_dir": os.path.relpath(split.img_dir, out_dir),
                         "source_ann_file": str(split.ann_file)}
     stats = summarize(dataset)
@@ -89,10 +82,10 @@ def prepare(dataset: DetectionDataset, out_dir: Path, imgsz: int, num_classes: i
             log.warning(msg)
             stats.setdefault("advice", []).append(msg)
     stats["imgsz"] = imgsz
-    write_json_atomic(stats, out_dir / "stats.json")
+    write_json_atomic(out_dir / "stats.json", stats)
     # dataset.json last: its presence marks a complete prepared folder.
-    write_json_atomic({"classes": dataset.classes, "category_ids": dataset.category_ids, "splits": splits},
-                      out_dir / "dataset.json")
+    write_json_atomic(out_dir / "dataset.json",
+                      {"classes": dataset.classes, "category_ids": dataset.category_ids, "splits": splits})
     return stats
 
 

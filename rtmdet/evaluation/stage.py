@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
-import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +28,7 @@ import numpy as np
 
 from rtmdet.data.records import DetectionDataset, DetectionSplit
 from rtmdet.errors import DataError
+from rtmdet.fileio import json_safe, write_atomic, write_json_atomic  # noqa: F401 (re-exported)
 from rtmdet.evaluation.coco_eval import EvalResult, evaluate_detector
 from rtmdet.evaluation.confusion import ConfusionMatrix, confusion_matrix, image_errors, rank_worst
 from rtmdet.inference.detections import Detections
@@ -44,48 +41,6 @@ REPORT_DIR = Path("evaluate")
 MEAN_CLASS = "all classes"  # the class name of the mean curve in pr_<split>.json
 PER_CLASS_COLUMNS = ("class", "category_id", "num_gt", "absent", "AP", "AP50",
                      "tp", "fp", "fn", "precision", "recall")  # fmt: skip
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write bytes or text to a temporary file beside `path`, fsync, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def json_safe(obj: Any) -> Any:
-    """A copy with NaN/inf floats as None and numpy scalars as Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
-    """JSON (NaN-free, UTF-8) written atomically."""
-    text = json.dumps(json_safe(obj), indent=indent, ensure_ascii=False, allow_nan=False)
-    write_atomic(path, text + "\n")
 
 
 def run_evaluation(

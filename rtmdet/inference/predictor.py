@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
-import torch
 
 from rtmdet.errors import DataError
 from rtmdet.imageio import read_image
