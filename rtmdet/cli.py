@@ -16,6 +16,7 @@ COMMANDS = (
     "rtmdet.data.check",
     "rtmdet.data.show",
     "rtmdet.evaluation.command",
+    "rtmdet.training.command",
 )
 
 
@@ -50,6 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def run_stage(func, *args, **kwargs) -> None:
+    """Entry point of a DVC stage script: logging on, one-line errors, non-zero exit on failure."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        func(*args, **kwargs)
+    except RTMDetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from rtmdet.errors import ConfigError
 
 @dataclass
 class DataParams:
-    """Where the dataset is. `root: synthetic` means the embedded default dataset made by prepare."""
+    """Where the dataset is; the default is the embedded synthetic dataset the `synthetic` stage makes."""
 
-    root: str = "synthetic"
+    root: str = "data/synthetic"
     # Explicit layout (mmdetection / SSCMA ann_file + img_prefix), relative to root; leave null for
     # the Roboflow layout (root/train, root/valid, optional root/test).
     train_ann_file: str | None = None
@@ -34,9 +34,24 @@ class DataParams:
     test_ann_file: str | None = None
     test_img_prefix: str | None = None
     num_classes: int | None = None  # optional check against the classes found in the data
-    synthetic_seed: int = 0
+    synthetic_seed: int = 0  # the embedded default dataset (used when root is data/synthetic)
     synthetic_train: int = 400
     synthetic_valid: int = 100
+
+    def split_files(self) -> dict[str, tuple[str, str]] | None:
+        """The explicit layout as {split: (ann_file, img_dir)}, or None for the Roboflow layout."""
+        pairs = {"train": (self.train_ann_file, self.train_img_prefix),
+                 "valid": (self.val_ann_file, self.val_img_prefix),
+                 "test": (self.test_ann_file, self.test_img_prefix)}
+        if all(a is None and i is None for a, i in pairs.values()):
+            return None
+        for name, (ann, img) in pairs.items():
+            if (ann is None) != (img is None):
+                raise ConfigError(f"params: data.{name if name != 'valid' else 'val'}_ann_file and its img_prefix "
+                                  "must be given together")
+        if pairs["train"][0] is None or pairs["valid"][0] is None:
+            raise ConfigError("params: the explicit layout needs data.train_ann_file and data.val_ann_file")
+        return {name: pair for name, pair in pairs.items() if pair[0] is not None}
 
 
 @dataclass

@@ -1,0 +1,96 @@
+"""What a training run is built from: the dataset, the model and its initialization, AMP, compile."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from rtmdet.config import DataParams, ModelParams, TrainParams
+from rtmdet.data.records import DetectionDataset
+from rtmdet.errors import ConfigError, DataError
+from rtmdet.models import RTMDet, build_model
+
+log = logging.getLogger(__name__)
+
+
+def dataset_from_params(data: DataParams) -> DetectionDataset:
+    """Read the dataset `data` points at: Roboflow/COCO layout under root, or explicit ann files."""
+    from rtmdet.data.coco import load_dataset
+
+    dataset = load_dataset(data.root, splits=data.split_files())
+    if data.num_classes is not None and data.num_classes != len(dataset.classes):
+        raise ConfigError(f"data.num_classes is {data.num_classes} but {data.root} has {len(dataset.classes)} "
+                          f"classes ({', '.join(dataset.classes)})")
+    if "train" not in dataset.splits or not dataset.splits["train"].records:
+        raise DataError(f"{data.root}: no training images (the train split is missing or empty)")
+    return dataset
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_train_model(params: ModelParams, num_classes: int, seed: int) -> RTMDet:
+    """The model of `params` initialized from scratch (seeded) or from params.init."""
+    torch.manual_seed(seed)  # the same initial weights on every rank and on every resume
+    model = build_model(params.size, num_classes, params.act, channel_attention=params.channel_attention,
+                        normalization=params.normalization, image_size=params.imgsz)
+    if params.init:
+        from rtmdet.models.checkpoint import load_checkpoint
+
+        load_checkpoint(model, params.init)
+        log.info("initialized from %s", params.init)
+    return model
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: auto = bf16 where the GPU supports it, else fp16; None on CPU or 'off'."""
+    if amp not in ("auto", "bf16", "fp16", "off"):
+        raise ConfigError(f"train.amp {amp!r}: use auto, bf16, fp16 or off")
+    if amp == "off" or device.type != "cuda":
+        return None
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.amp bf16: this GPU does not support bfloat16; use auto or fp16")
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def maybe_compile(module: nn.Module, enabled: bool) -> Callable:
+    """torch.compile(module) when enabled; the module itself when disabled or compile is unavailable."""
+    if not enabled:
+        return module
+    try:
+        return torch.compile(module)
+    except Exception as exc:  # noqa: BLE001 - any backend failure means: train uncompiled
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        log.warning("torch.compile failed (%s); training without it", reason)
+        return module
+
+
+def check_train_params(train: TrainParams) -> None:
+    """Reject values the loop cannot run with, naming the key."""
+    positive = {"epochs": train.epochs, "batch_size": train.batch_size, "base_batch_size": train.base_batch_size,
+                "log_interval": train.log_interval}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"train.{key} must be at least 1, got {value}")
+    if train.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {train.lr}")
+    if not 0 <= train.stage2_epochs <= train.epochs:
+        raise ConfigError(f"train.stage2_epochs must be between 0 and train.epochs ({train.epochs}), "
+                          f"got {train.stage2_epochs}")
+    if not 0.0 <= train.cosine_start <= 1.0:
+        raise ConfigError(f"train.cosine_start is a fraction of the epochs (0..1), got {train.cosine_start}")
+    if train.grad_clip is not None and train.grad_clip <= 0:
+        raise ConfigError(f"train.grad_clip must be positive or null, got {train.grad_clip}")
+    if train.ckpt_interval_s < 0:
+        raise ConfigError(f"train.ckpt_interval_s must not be negative, got {train.ckpt_interval_s}")

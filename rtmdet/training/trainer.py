@@ -1,0 +1,386 @@
+"""The training loop: mmdetection's RTMDet recipe in plain PyTorch, resumable, single or multi-GPU.
+
+Per iteration: uint8 batch -> device (non_blocking from pinned memory) -> normalize on the device
+-> forward under autocast -> RTMDetLoss -> backward (scaled with fp16) -> optional clipping ->
+AdamW step -> EMA update. The host reads values back only every `log_interval` iterations (progress
+bar, NaN/inf check, mid-epoch checkpoint), so the GPU is never stalled by per-step `.item()`s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from rtmdet.config import DataParams, ModelParams, TrainParams
+from rtmdet.data.loader import TrainBatchSampler, TrainDataset, build_dataloader, set_epoch
+from rtmdet.data.pipeline import PipelineConfig
+from rtmdet.data.records import DetectionDataset
+from rtmdet.errors import RTMDetError
+from rtmdet.models.checkpoint import save_atomic
+from rtmdet.training import distributed as dist_utils
+from rtmdet.training import state as st
+from rtmdet.training.build import (
+    amp_dtype,
+    build_train_model,
+    check_train_params,
+    dataset_from_params,
+    maybe_compile,
+    seed_everything,
+)
+from rtmdet.training.ema import ExpMomentumEMA
+from rtmdet.training.logs import LiveLogger, LossMeter
+from rtmdet.training.losses import RTMDetLoss, make_priors
+from rtmdet.training.optim import LrSchedule, build_optimizer, scaled_lr, set_lr, validation_due
+from rtmdet.training.state import TrainResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "TrainingError", "train"]
+
+
+class TrainingError(RTMDetError):
+    """Training cannot go on (a NaN or infinite loss); the last good checkpoints are kept."""
+
+
+def train(data: DataParams, model: ModelParams, train: TrainParams, out_dir: Path, *,
+          dataset: DetectionDataset | None = None, live_dir: Path | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train (or resume, or return at once when finished) the run of these params into out_dir.
+
+    Writes out_dir/last.pt (EMA weights + resume state) and out_dir/best.pt (EMA weights of the
+    best validation mAP), and dvclive logs into live_dir. Under torchrun every rank calls this.
+    """
+    check_train_params(train)
+    info = dist_utils.setup(train.device)
+    try:
+        return _Run(data, model, train, Path(out_dir), dataset, live_dir, info, progress).run()
+    finally:
+        dist_utils.cleanup(info)
+
+
+class _Run:
+    """One training run's objects; `run()` drives the epochs."""
+
+    def __init__(self, data: DataParams, model: ModelParams, train: TrainParams, out_dir: Path,
+                 dataset: DetectionDataset | None, live_dir: Path | None, info: dist_utils.DistInfo,
+                 progress: bool):
+        self.data_p, self.model_p, self.p = data, model, train
+        self.out_dir, self.live_dir, self.info, self.progress = out_dir, live_dir, info, progress
+        self.device = info.device
+        self.dataset = dataset if dataset is not None else dataset_from_params(data)
+        self.params = st.params_dict(data, model, train)
+        self.payload = st.fingerprint_payload(data, model, train, info.world_size, self.dataset)
+        self.fp = st.fingerprint(self.payload)
+        self.last_path, self.best_path = out_dir / "last.pt", out_dir / "best.pt"
+        self.total_batch = train.batch_size * info.world_size
+        self.epoch, self.batch, self.global_iter = 0, 0, 0
+        self.best_map: float | None = None
+        self.best_epoch: int | None = None
+        self.last_metrics: dict[str, Any] = {}
+        self.meter_state: dict[str, float] | None = None
+        self.images_seen, self.train_seconds = 0, 0.0
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _build(self, resume: dict[str, Any] | None) -> None:
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self._build_model(resume)
+        self._build_data()
+        if self.info.is_main:
+            p = self.p
+            log.info("lr %.3g = train.lr %.3g x total batch %d (%d per rank x %d) / base_batch_size %d; "
+                     "%d iterations per epoch, AMP %s", self.lr, p.lr, self.total_batch, p.batch_size,
+                     self.info.world_size, p.base_batch_size, self.iters_per_epoch, self.amp or "off")
+
+    def _build_model(self, resume: dict[str, Any] | None) -> None:
+        p, info = self.p, self.info
+        # A resumed run takes its weights from last.pt: model.init need not be there any more.
+        params = self.model_p if resume is None else replace(self.model_p, init=None)
+        net = build_train_model(params, len(self.dataset.classes), p.seed).to(self.device)
+        if p.channels_last:
+            net.to(memory_format=torch.channels_last)
+        self.ema = ExpMomentumEMA(net, p.ema_momentum, p.ema_gamma) if p.ema else None
+        if info.distributed and self.device.type == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # keeps the same parameter tensors
+        elif info.distributed:
+            log.warning("SyncBatchNorm needs CUDA: on CPU each rank's BatchNorm uses its own batch statistics")
+        self.net = net
+        self.lr = scaled_lr(p, self.total_batch)
+        self.optimizer = build_optimizer(net, self.lr, p.weight_decay, self.device)
+        self.amp = amp_dtype(p.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        if resume is not None:
+            self._restore(resume)
+        else:
+            seed_everything(p.seed + info.rank)  # per-rank streams; the data pipeline has its own seeds
+        self.ddp = None
+        if info.distributed:
+            # With SyncBN every rank's BN buffers already agree: no need to broadcast them each step.
+            # (torch > 2.11 renames broadcast_buffers and warns; the old name works in both.)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                self.ddp = DistributedDataParallel(
+                    net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                    broadcast_buffers=not dist_utils.uses_sync_bn(net), gradient_as_bucket_view=True)
+        self.eager = self.ddp or net
+        self.forward = maybe_compile(self.eager, p.compile)
+        self.first_step = True
+
+    def _build_data(self) -> None:
+        p, s = self.p, self.model_p.imgsz
+        self.criterion = RTMDetLoss(self.net.strides)
+        self.priors = make_priors([(s // k, s // k) for k in self.net.strides], self.net.strides, device=self.device)
+        records = self.dataset.splits["train"].records
+        train_ds = TrainDataset(records, PipelineConfig.for_size(self.model_p.size, s))
+        self.loader = build_dataloader(train_ds, p.batch_size, num_workers=p.workers, seed=p.seed,
+                                       rank=self.info.rank, world_size=self.info.world_size)
+        sampler = self.loader.batch_sampler
+        assert isinstance(sampler, TrainBatchSampler)
+        self.iters_per_epoch = sampler.batches_per_epoch()
+        self.schedule = LrSchedule.from_params(p, self.lr, self.iters_per_epoch)
+        self.window = torch.zeros(p.log_interval, 3, device=self.device)  # per-iteration loss parts
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        ts = ckpt["train_state"]
+        self.net.load_state_dict(ts["model"])
+        self.optimizer.load_state_dict(ts["optimizer"])
+        if self.scaler is not None and ts.get("scaler"):
+            self.scaler.load_state_dict(ts["scaler"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt["state_dict"])
+            self.ema.load_state_dict(ts["ema"])
+        self.epoch, self.batch, self.global_iter = ts["epoch"], ts["batch"], ts["global_iter"]
+        self.best_map, self.best_epoch = ts["best_map"], ts["best_epoch"]
+        self.meter_state = ts["meters"] if self.batch > 0 else None
+        self.images_seen, self.train_seconds = ts.get("images_seen", 0), ts.get("train_seconds", 0.0)
+        st.restore_rng(ts["rng"])
+        if self.info.rank != 0:  # per-rank streams: offset rank 0's saved state deterministically
+            seed_everything(self.p.seed + self.info.rank + self.global_iter)
+
+    # ---- driving ------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        resume = st.read_resume(self.last_path, self.fp, self.payload)
+        if resume is not None and resume["train_state"].get("finished"):
+            if self.info.is_main:
+                log.info("%s: this run already finished (%d epochs); nothing to do", self.last_path, self.p.epochs)
+            return self._result_from(resume, already_finished=True)
+        dist_utils.barrier(self.info)  # every rank has read last.pt before rank 0 may remove it
+        if resume is None and self.info.is_main:
+            st.discard_stale(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._build(resume)
+        if resume is not None and self.info.is_main:
+            log.info("resuming %s at epoch %d, batch %d of %d (iteration %d)", self.last_path, self.epoch + 1,
+                     self.batch, self.iters_per_epoch, self.global_iter)
+        self.live = LiveLogger(self.live_dir if self.info.is_main else None, resume=resume is not None)
+        try:
+            for epoch in range(self.epoch, self.p.epochs):
+                self._train_epoch(epoch)
+                self._end_epoch(epoch)
+        finally:
+            self.live.close()
+        return self._result(resumed=resume is not None)
+
+    def _stage(self, epoch: int) -> int:
+        return 2 if epoch >= self.p.epochs - self.p.stage2_epochs else 1
+
+    def _train_epoch(self, epoch: int) -> None:
+        skip = self.batch  # non-zero only for the epoch a mid-epoch checkpoint resumes
+        # The batch order is a pure function of (seed, epoch): skipping the first `skip` batches
+        # gives exactly the rest of an interrupted epoch, without decoding the skipped images.
+        set_epoch(self.loader, epoch, self._stage(epoch), skip=skip)
+        self.net.train()
+        self.meter = LossMeter(self.meter_state if skip else None)
+        self.pending, self.last_ckpt = 0, time.monotonic()
+        n = self.iters_per_epoch
+        self.bar = tqdm(total=n, initial=skip, desc=f"epoch {epoch + 1}/{self.p.epochs}", unit="it",
+                        disable=not (self.progress and self.info.is_main), dynamic_ncols=True, leave=False)
+        start = time.perf_counter()
+        with self.bar:
+            for k, batch in enumerate(self.loader, start=skip):
+                set_lr(self.optimizer, self.schedule(self.global_iter))
+                self._step(batch)
+                self.global_iter += 1
+                self.pending += 1
+                if self.pending == self.p.log_interval or k == n - 1:
+                    self._sync(epoch, k)
+        self.epoch_seconds = time.perf_counter() - start
+        self.train_seconds += self.epoch_seconds
+        self.epoch_images = (n - skip) * self.total_batch
+        self.images_seen += self.epoch_images
+
+    def _step(self, batch: dict[str, Any]) -> None:
+        dev = self.device
+        images = batch["images"].to(dev, non_blocking=True)
+        boxes = batch["boxes"].to(dev, non_blocking=True)
+        labels = batch["labels"].to(dev, non_blocking=True)
+        x = self.net.normalize(images)
+        if self.p.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            cls_scores, bbox_preds = self._forward(x)
+        losses = self.criterion(cls_scores, bbox_preds, boxes, labels, priors=self.priors)
+        loss = losses["loss"]
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.p.grad_clip:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.p.grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.net)
+        self.window[self.pending] = torch.stack([loss, losses["loss_cls"], losses["loss_bbox"]]).detach()
+
+    def _forward(self, x: torch.Tensor) -> Any:
+        if not self.first_step or self.forward is self.eager:
+            return self.forward(x)
+        self.first_step = False
+        try:
+            return self.forward(x)
+        except Exception as exc:  # noqa: BLE001 - torch.compile errors surface at the first call
+            log.warning("torch.compile failed at the first step (%s); training without it",
+                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            self.forward = self.eager
+            return self.forward(x)
+
+    def _sync(self, epoch: int, k: int) -> None:
+        """Host sync point: read the loss window, stop on NaN/inf, update the bar, maybe checkpoint."""
+        rows = self.window[: self.pending].tolist()
+        first_bad = next((i for i, r in enumerate(rows) if not all(math.isfinite(v) for v in r)), None)
+        if dist_utils.any_rank(self.info, first_bad is not None):
+            self._nonfinite(epoch, k, rows, first_bad)
+        self.meter.add(rows)
+        if not self.bar.disable:
+            loss, cls, box = self.meter.last
+            self.bar.set_postfix_str(f"loss {loss:.4f} cls {cls:.4f} bbox {box:.4f} "
+                                     f"lr {self.optimizer.param_groups[0]['lr']:.3g}{self._mem()}", refresh=False)
+        self.bar.update(self.pending)
+        self.pending = 0
+        due = time.monotonic() - self.last_ckpt >= self.p.ckpt_interval_s
+        if k < self.iters_per_epoch - 1 and due and self.info.is_main:
+            self._save_last(epoch, k + 1, finished=False)
+            self.last_ckpt = time.monotonic()
+
+    def _nonfinite(self, epoch: int, k: int, rows: list[list[float]], first_bad: int | None) -> None:
+        if first_bad is None:
+            raise TrainingError(f"epoch {epoch + 1}: the loss became NaN/inf on another rank before iteration "
+                                f"{self.global_iter}; kept {self.last_path} and {self.best_path} from before")
+        batch = k - len(rows) + 1 + first_bad
+        loss, cls, box = rows[first_bad]
+        raise TrainingError(
+            f"epoch {epoch + 1}, iteration {batch + 1}/{self.iters_per_epoch} "
+            f"(global {self.global_iter - len(rows) + first_bad}): "
+            f"non-finite loss {loss} (loss_cls {cls}, loss_bbox {box}); stopped, keeping the last good "
+            f"{self.last_path.name} and {self.best_path.name} (try a lower train.lr, train.grad_clip, or amp: off)")
+
+    # ---- epoch end ----------------------------------------------------------------------------
+    def _validate(self) -> dict[str, Any]:
+        from rtmdet.evaluation.coco_eval import evaluate_detector
+        from rtmdet.inference.backends import TorchBackend
+        from rtmdet.inference.predictor import Detector
+
+        model = self.ema.module if self.ema is not None else self.net
+        was_training = model.training
+        batch = min(self.p.batch_size, 32)
+        detector = Detector(TorchBackend(model, self.device), self.dataset.classes, self.model_p.imgsz,
+                            batch_size=batch)
+        result = evaluate_detector(detector, self.dataset.splits["valid"], self.dataset, batch_size=batch,
+                                   progress=False)
+        model.train(was_training)
+        return result.to_metrics()
+
+    def _end_epoch(self, epoch: int) -> None:
+        means = self.meter.means()
+        metrics: dict[str, float | None] = {f"train/{k}": v for k, v in means.items()}
+        metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        has_valid = "valid" in self.dataset.splits and bool(self.dataset.splits["valid"].records)
+        val = self._validate() if self.info.is_main and has_valid and validation_due(self.p, epoch) else None
+        if val is not None:
+            self.last_metrics = val
+            metrics["val/mAP"], metrics["val/mAP50"] = val["mAP"], val["mAP50"]
+            if self.best_map is None or (val["mAP"] or 0.0) > self.best_map:
+                self.best_map, self.best_epoch = val["mAP"] or 0.0, epoch + 1
+                self._save_best(epoch)
+        if self.info.is_main:
+            self.live.log_epoch(epoch, metrics)
+            finished = epoch + 1 == self.p.epochs
+            if finished and not self.best_path.exists():  # no validation split: ship the final weights
+                self._save_best(epoch)
+            self._save_last(epoch + 1, 0, finished=finished)
+            self._log_summary(epoch, means, val)
+        self.batch = 0
+        dist_utils.barrier(self.info)
+
+    def _log_summary(self, epoch: int, means: dict[str, float], val: dict[str, Any] | None) -> None:
+        done = epoch + 1
+        rate = self.epoch_images / max(self.epoch_seconds, 1e-9)
+        eta = (self.p.epochs - done) * self.epoch_seconds
+        mem = self._mem()
+        score = ""
+        if val is not None:
+            score = (f"  mAP {val['mAP'] or 0:.4f} mAP50 {val['mAP50'] or 0:.4f} "
+                     f"(best {self.best_map:.4f} @ {self.best_epoch})")
+        log.info("epoch %d/%d  loss %.4f (cls %.4f, bbox %.4f)  lr %.3g  %.1f img/s  %.1fs %s%s  ETA %s",
+                 done, self.p.epochs, means["loss"], means["loss_cls"], means["loss_bbox"],
+                 self.optimizer.param_groups[0]["lr"], rate, self.epoch_seconds, mem, score,
+                 time.strftime("%H:%M:%S", time.gmtime(eta)))
+
+    def _mem(self) -> str:
+        """Peak GPU memory reserved by this process (what the allocator took from the driver)."""
+        if self.device.type != "cuda":
+            return ""
+        return f" mem {torch.cuda.max_memory_reserved(self.device) / 2**30:.1f}G"
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def _weights(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.net
+
+    def _save_best(self, epoch: int) -> None:
+        ckpt = st.make_checkpoint(self._weights(), self.dataset, self.params, epoch=epoch + 1,
+                                  iteration=self.global_iter, mAP=self.best_map)
+        save_atomic(ckpt, self.best_path)
+
+    def _save_last(self, epoch: int, batch: int, finished: bool) -> None:
+        """last.pt at `batch` batches into epoch `epoch` (0-based): where a resumed run continues."""
+        ts = {
+            "version": st.STATE_VERSION, "fingerprint": self.fp, "fingerprint_payload": self.payload,
+            "finished": finished, "epoch": epoch, "batch": batch, "global_iter": self.global_iter,
+            "best_map": self.best_map, "best_epoch": self.best_epoch,
+            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": self.ema.state_dict() if self.ema else None, "rng": st.capture_rng(),
+            "meters": self.meter.state_dict(), "images_seen": self.images_seen,
+            "train_seconds": self.train_seconds, "world_size": self.info.world_size, "lr": self.lr,
+            "last_metrics": self.last_metrics,
+        }
+        ckpt = st.make_checkpoint(self._weights(), self.dataset, self.params, epoch=epoch,
+                                  iteration=self.global_iter, mAP=self.best_map, train_state=ts)
+        save_atomic(ckpt, self.last_path)
+
+    def _result(self, resumed: bool) -> TrainResult:
+        return TrainResult(self.out_dir, self.last_path, self.best_path if self.best_path.exists() else None,
+                           self.p.epochs, self.best_map, self.best_epoch, self.last_metrics, resumed, False,
+                           self.train_seconds, self.images_seen / self.train_seconds if self.train_seconds else None)
+
+    def _result_from(self, ckpt: dict[str, Any], already_finished: bool) -> TrainResult:
+        ts = ckpt["train_state"]
+        secs = float(ts.get("train_seconds", 0.0))
+        return TrainResult(self.out_dir, self.last_path, self.best_path if self.best_path.exists() else None,
+                           self.p.epochs, ts.get("best_map"), ts.get("best_epoch"), ts.get("last_metrics") or {},
+                           True, already_finished, secs, ts.get("images_seen", 0) / secs if secs else None)
