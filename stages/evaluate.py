@@ -1,0 +1,21 @@
+"""DVC stage `evaluate`: score models/best.pt on valid (and test) and write reports/."""
+
+from pathlib import Path
+
+from rtmdet.cli import run_stage
+from rtmdet.config import load_params
+from rtmdet.data.prepare import load_prepared
+from rtmdet.evaluation.stage import run_evaluation
+from rtmdet.training.distributed import resolve_device
+
+
+def main() -> None:
+    ev = load_params(sections=("evaluate",))["evaluate"]
+    dataset = load_prepared(Path("data/prepared"))
+    run_evaluation(Path("models/best.pt"), dataset, Path("reports"), splits=ev.splits or ("valid", "test"),
+                   device=str(resolve_device(ev.device)), score_thr_confusion=ev.conf_thr,
+                   grid_images=ev.grid_images, batch_size=ev.batch_size)
+
+
+if __name__ == "__main__":
+    run_stage(main)
