@@ -78,7 +78,7 @@ class TrainParams:
     warmup_iters: int = 1000
     cosine_start: float = 0.5  # fraction of epochs after which lr follows a cosine to min_lr_ratio
     min_lr_ratio: float = 0.05
-    stage2_epochs: int = 20  # last epochs without mosaic/mixup
+    stage2_epochs: int = 20  # last epochs without mosaic/mixup (>= epochs: no mosaic/mixup at all)
     ema: bool = True
     ema_momentum: float = 0.0002
     ema_gamma: float = 2000.0

@@ -85,9 +85,8 @@ def check_train_params(train: TrainParams) -> None:
             raise ConfigError(f"train.{key} must be at least 1, got {value}")
     if train.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {train.lr}")
-    if not 0 <= train.stage2_epochs <= train.epochs:
-        raise ConfigError(f"train.stage2_epochs must be between 0 and train.epochs ({train.epochs}), "
-                          f"got {train.stage2_epochs}")
+    if train.stage2_epochs < 0:  # >= epochs means every epoch uses the stage-2 pipeline
+        raise ConfigError(f"train.stage2_epochs must be 0 or more, got {train.stage2_epochs}")
     if not 0.0 <= train.cosine_start <= 1.0:
         raise ConfigError(f"train.cosine_start is a fraction of the epochs (0..1), got {train.cosine_start}")
     if train.grad_clip is not None and train.grad_clip <= 0:

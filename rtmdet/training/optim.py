@@ -109,7 +109,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def validation_due(train: TrainParams, epoch: int) -> bool:
     """Validate after 0-based `epoch`? Every val_interval epochs, every stage2_val_interval epochs
     of the stage-2 epochs (mmdetection's dynamic_intervals: every epoch), and after the last."""
-    done, stage2_start = epoch + 1, train.epochs - train.stage2_epochs
+    done, stage2_start = epoch + 1, max(0, train.epochs - train.stage2_epochs)
     if done == train.epochs or (train.val_interval > 0 and done % train.val_interval == 0):
         return True
     in_stage2 = epoch >= stage2_start and train.stage2_val_interval > 0
