@@ -17,6 +17,7 @@ COMMANDS = (
     "rtmdet.data.show",
     "rtmdet.evaluation.command",
     "rtmdet.training.command",
+    "rtmdet.export.command",
 )
 
 

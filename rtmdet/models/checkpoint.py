@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from rtmdet.errors import CheckpointError
+from rtmdet.fileio import umask
 from rtmdet.models import safe_pickle
 from rtmdet.models.detector import SIZES, ModelConfig, RTMDet, model_config
 
@@ -172,6 +173,7 @@ def save_atomic(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

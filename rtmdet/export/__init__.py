@@ -1,0 +1,36 @@
+"""Export to ONNX and TFLite, and run the exported files through the shared `Detector`.
+
+Light at import: torch, ONNX Runtime and TensorFlow load only when a function that needs them
+runs, so `rtmdet --help` stays fast and a missing optional package gives a clear error.
+
+    export_onnx(model, path)                        rtmdet.export.onnx
+    export_tflite(model, out_dir, precisions, ...)  rtmdet.export.tflite
+    detector_from_export(path)                      rtmdet.export.backends
+"""
+
+from importlib import import_module
+
+from rtmdet.errors import RTMDetError
+
+
+class ExportError(RTMDetError):
+    """An export that cannot run or whose result does not agree with torch."""
+
+
+_EXPORTS = {
+    "export_onnx": "rtmdet.export.onnx",
+    "export_checkpoint": "rtmdet.export.command",
+    "export_tflite": "rtmdet.export.tflite",
+    "OnnxRuntimeBackend": "rtmdet.export.backends",
+    "TFLiteBackend": "rtmdet.export.backends",
+    "detector_from_export": "rtmdet.export.backends",
+    "ExportMeta": "rtmdet.export.sidecar",
+    "read_meta": "rtmdet.export.sidecar",
+}
+__all__ = ["ExportError", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'rtmdet.export' has no attribute {name!r}")

@@ -1,0 +1,106 @@
+"""`rtmdet export`: a checkpoint to ONNX or TFLite (fp32, fp16, int8), offline, with sidecars."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from rtmdet.export import ExportError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "tflite")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="export a checkpoint to ONNX or TFLite (fp32, fp16, int8), fully offline",
+        description="Writes <out>/<weights stem>.onnx or <stem>_<precision>.tflite, each with a .json "
+                    "sidecar (classes, image size, input and output contract). int8 calibrates on images "
+                    "of the --data training split, pre-processed exactly as at inference.")
+    p.add_argument("--weights", required=True, type=Path, help="checkpoint (.pt/.pth, rtmdet or mmdetection)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx or tflite")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=("fp32", "fp16", "int8"),
+                   help="one or more (tflite); onnx is fp32 (default fp32)")
+    p.add_argument("--data", type=Path, default=None, help="dataset root whose train split calibrates int8")
+    p.add_argument("--calib-images", type=int, default=100, help="calibration images for int8 (default 100)")
+    p.add_argument("--int8-io", choices=("float", "int8", "uint8"), default="float",
+                   help="int8 file input/output type: float (default), or int8/uint8 for raw-pixel device input")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: the checkpoint's folder)")
+    p.add_argument("--dynamic-batch", action="store_true", help="onnx: a dynamic batch dimension")
+    p.add_argument("--imgsz", type=int, default=None, help="export size (default: the checkpoint's training size)")
+    p.set_defaults(func=run)
+
+
+def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] = ("fp32",), *,
+                      data: str | Path | None = None, calib_images: int = 100, int8_io: str = "float",
+                      out: str | Path | None = None, dynamic_batch: bool = False,
+                      image_size: int | None = None) -> list[Path]:
+    """Export a checkpoint file; returns the model files written (each has a .json sidecar)."""
+    from dataclasses import replace
+
+    from rtmdet.models.checkpoint import class_names_of, load_model
+
+    weights = Path(weights)
+    _check_request(fmt, precisions, data, calib_images, dynamic_batch)
+    model, ckpt = load_model(weights)
+    if image_size is not None:
+        model.cfg = replace(model.cfg, image_size=image_size)
+    if model.cfg.image_size % 32 or model.cfg.image_size < 32:
+        raise ExportError(f"{weights}: image size {model.cfg.image_size} is not a positive multiple of 32 "
+                          "(the largest stride); pass --imgsz with one that is")
+    classes = class_names_of(ckpt, model.cfg.num_classes)
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    ids = (meta.get("dataset_meta") or {}).get("category_ids")
+    category_ids = list(ids) if isinstance(ids, list) and len(ids) == len(classes) else None
+    source = {"checkpoint": weights.name, "sha256": _sha256(weights)}
+    out = Path(out) if out is not None else weights.parent
+    common = dict(classes=classes, category_ids=category_ids, source=source)
+    if fmt == "onnx":
+        from rtmdet.export.onnx import export_onnx
+
+        return [export_onnx(model, out / f"{weights.stem}.onnx", dynamic_batch=dynamic_batch, **common).path]
+    from rtmdet.export.tflite import calibration_files, export_tflite, load_calibration
+
+    calibration, files = None, []
+    if "int8" in precisions:
+        calibration, files = load_calibration(calibration_files(data, calib_images), model.cfg.image_size)
+        log.info("calibrating int8 on %d images of %s (train split)", len(files), data)
+    results = export_tflite(model, out, precisions, calibration=calibration, calib_files=files,
+                            int8_io=int8_io, stem=weights.stem, **common)
+    return [r.path for r in results]
+
+
+def _check_request(fmt: str, precisions: Sequence[str], data, calib_images: int, dynamic_batch: bool) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; choose onnx or tflite")
+    if fmt == "onnx" and set(precisions) != {"fp32"}:
+        raise ExportError("ONNX export is fp32 only (runtimes choose their own precision); "
+                          "use --format tflite for fp16 or int8")
+    if fmt == "tflite" and dynamic_batch:
+        raise ExportError("--dynamic-batch applies to ONNX only; TFLite files take one image at a time")
+    if "int8" in precisions:
+        if data is None:
+            raise ExportError("int8 export needs --data ROOT: its training split's images calibrate the quantization")
+        if calib_images < 1:
+            raise ExportError(f"--calib-images must be at least 1, got {calib_images}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = export_checkpoint(args.weights, args.format, args.precision, data=args.data,
+                              calib_images=args.calib_images, int8_io=args.int8_io, out=args.out,
+                              dynamic_batch=args.dynamic_batch, image_size=args.imgsz)
+    for path in paths:
+        print(f"{path} ({path.stat().st_size / 1024:.0f} KB) + {path.with_suffix('.json').name}")
+    return 0
