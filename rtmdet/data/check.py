@@ -29,27 +29,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--no-images", action="store_true",
                         help="check the JSON only; do not open the image files")
+    add_split_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """--<split>-ann FILE / --<split>-img DIR for the explicit layout (shared by data commands)."""
     for split in SPLITS:
         parser.add_argument(f"--{split}-ann", type=Path, metavar="FILE",
                             help=f"COCO annotation file of the {split} split")
         parser.add_argument(f"--{split}-img", type=Path, metavar="DIR",
                             help=f"image folder of the {split} split (default: the folder of --{split}-ann)")
-    parser.set_defaults(func=run)
-    return parser
 
 
-def explicit_splits(args: argparse.Namespace) -> dict[str, tuple[Path, Path]] | None:
+def explicit_splits(args: argparse.Namespace, command: str = "check-data",
+                    need_train: bool = True) -> dict[str, tuple[Path, Path]] | None:
     """The --<split>-ann/--<split>-img pairs, or None when none were given."""
     splits = {}
     for split in SPLITS:
         ann, img = getattr(args, f"{split}_ann", None), getattr(args, f"{split}_img", None)
         if img is not None and ann is None:
-            raise ConfigError(f"check-data: --{split}-img needs --{split}-ann")
+            raise ConfigError(f"{command}: --{split}-img needs --{split}-ann")
         if ann is not None:
             # A Roboflow-style split keeps its images beside the annotation file.
             splits[split] = (ann, img if img is not None else ann.parent)
-    if splits and "train" not in splits:
-        raise ConfigError("check-data: explicit splits need at least --train-ann")
+    if need_train and splits and "train" not in splits:
+        raise ConfigError(f"{command}: explicit splits need at least --train-ann")
     return splits or None
 
 

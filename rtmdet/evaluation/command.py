@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rtmdet.data.check import add_split_arguments, explicit_splits
 from rtmdet.errors import ConfigError
-
-SPLITS = ("train", "valid", "test")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,26 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "COCO scoring always uses every detection down to 0.001")  # fmt: skip
     p.add_argument("--grid-images", type=int, default=16, help="images in the worst-first grid (default 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for split in SPLITS:
-        p.add_argument(f"--{split}-ann", type=Path, metavar="FILE",
-                       help=f"COCO annotation file of the {split} split")  # fmt: skip
-        p.add_argument(f"--{split}-img", type=Path, metavar="DIR",
-                       help=f"image folder of the {split} split (default: beside --{split}-ann)")  # fmt: skip
+    add_split_arguments(p)
     p.set_defaults(func=run)
     return p
-
-
-def explicit_splits(args: argparse.Namespace) -> dict[str, tuple[Path, Path]] | None:
-    """The --<split>-ann/--<split>-img pairs, or None when none were given."""
-    splits = {}
-    for split in SPLITS:
-        ann, img = getattr(args, f"{split}_ann", None), getattr(args, f"{split}_img", None)
-        if img is not None and ann is None:
-            raise ConfigError(f"evaluate: --{split}-img needs --{split}-ann")
-        if ann is not None:
-            # A Roboflow-style split keeps its images beside the annotation file.
-            splits[split] = (ann, img if img is not None else ann.parent)
-    return splits or None
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -79,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     device = resolve_device(args.device)
-    splits = explicit_splits(args)
+    splits = explicit_splits(args, "evaluate", need_train=False)
     if splits is None and args.data is None:
         raise ConfigError("evaluate: give --data ROOT or --valid-ann FILE (and --*-ann for other splits)")
     dataset = load_dataset(args.data, splits=splits)
