@@ -1,4 +1,5 @@
-"""DVC stage `prepare`: validate params.data's dataset, write data/prepared and reports/prepare."""
+"""DVC stage `prepare`: validate params.data's dataset, write data/prepared and reports/prepare
+(stats.json, charts, a grid of augmented training samples)."""
 
 from pathlib import Path
 
@@ -7,6 +8,7 @@ from rtmdet.config import load_params
 from rtmdet.data.coco import load_dataset
 from rtmdet.data.prepare import plot_stats, prepare
 from rtmdet.data.show import draw_augmented_grid
+from rtmdet.fileio import write_json_atomic
 
 OUT, REPORTS = Path("data/prepared"), Path("reports/prepare")
 
@@ -17,6 +19,7 @@ def main() -> None:
     splits = data.split_files()
     dataset = load_dataset(data.root if splits is None else Path(data.root), splits=splits)
     stats = prepare(dataset, OUT, model.imgsz, data.num_classes)
+    write_json_atomic(REPORTS / "stats.json", stats)  # images/boxes per class, sizes, skipped per reason
     plot_stats(stats, REPORTS)
     draw_augmented_grid(dataset.splits["train"].records, dataset.classes, REPORTS / "augmented.png",
                         model.imgsz, size=model.size)
