@@ -8,8 +8,6 @@ and `meta`. rtmdet adds `meta['rtmdet']` (the ModelConfig) and `meta['dataset_me
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import torch
 from torch import nn
 
 from rtmdet.errors import CheckpointError
-from rtmdet.fileio import umask
+from rtmdet.fileio import write_atomic
 from rtmdet.models import safe_pickle
 from rtmdet.models.detector import SIZES, ModelConfig, RTMDet, model_config
 
@@ -165,19 +163,7 @@ def checkpoint_dict(model: RTMDet, classes: list[str], category_ids: list[int] |
 
 def save_atomic(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file beside `path`, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(Path(path), lambda f: torch.save(obj, f))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RTMDet, dict[str, Any]]:
