@@ -13,7 +13,7 @@ def main() -> None:
     ev = load_params(sections=("evaluate",))["evaluate"]
     dataset = load_prepared(Path("data/prepared"))
     run_evaluation(Path("models/best.pt"), dataset, Path("reports"), splits=ev.splits or ("valid", "test"),
-                   device=str(resolve_device(ev.device)), score_thr_confusion=ev.conf_thr,
+                   device=str(resolve_device(ev.device, what="evaluate.device")), score_thr_confusion=ev.conf_thr,
                    grid_images=ev.grid_images, batch_size=ev.batch_size)
 
 

@@ -22,20 +22,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--iou-thr", type=float, default=0.65, help="NMS IoU threshold (default 0.65)")
     p.add_argument("--max-det", type=int, default=300, help="maximum detections per image (default 300)")
     p.add_argument("--imgsz", type=int, default=None, help="inference size (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=run)
 
 
 def resolve_device(device: str) -> str:
-    """Validate a device string; a clear error when CUDA is asked for but absent."""
-    import torch
+    """A validated device string for --device (auto, cpu, cuda, cuda:N); one clear error otherwise."""
+    from rtmdet.training.distributed import resolve_device as resolve
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available on this machine")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
-    return device
+    return str(resolve(device, what="--device"))
 
 
 def source_images(source: Path) -> list[Path]:

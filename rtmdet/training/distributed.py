@@ -40,20 +40,21 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto -> cuda when available, else cpu; under torchrun, cuda means cuda:LOCAL_RANK."""
+def resolve_device(name: str, local_rank: int = 0, what: str = "train.device") -> torch.device:
+    """auto -> cuda when available, else cpu; under torchrun, cuda means cuda:LOCAL_RANK.
+    `what` names the setting in error messages."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"train.device {name!r}: CUDA is not available on this machine")
+            raise ConfigError(f"{what} {name!r}: CUDA is not available on this machine")
         if name == "cuda":
             name = f"cuda:{local_rank}"
         device = torch.device(name)
         torch.cuda.set_device(device)
         return device
     if name != "cpu":
-        raise ConfigError(f"train.device {name!r}: use auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"{what} {name!r}: use auto, cpu, cuda or cuda:N")
     return torch.device("cpu")
 
 
