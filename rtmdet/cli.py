@@ -18,6 +18,7 @@ COMMANDS = (
     "rtmdet.evaluation.command",
     "rtmdet.training.command",
     "rtmdet.export.command",
+    "rtmdet.reporting.command",
 )
 
 

@@ -106,8 +106,54 @@ class EvaluateParams:
     device: str = "auto"
 
 
+@dataclass
+class ExportParams:
+    """The `export` stage: models/best.pt to ONNX and TFLite float32 / float16 / int8."""
+
+    formats: list[str] | None = None  # null: onnx, tflite_fp32, tflite_fp16, tflite_int8
+    calib_images: int = 100  # int8 calibration images, drawn from the train split
+    int8_io: str = "float"  # int8 file input/output: float, or int8 / uint8 for raw-pixel device input
+    seed: int = 0  # which calibration images are drawn
+
+
+@dataclass
+class QATParams:
+    """The `qat` stage: fine-tune the float model with simulated int8, then export int8 TFLite."""
+
+    epochs: int = 5  # fine-tuning epochs with fake-quant, stage-2 (no mosaic) pipeline
+    lr: float = 0.0002  # AdamW lr at train.base_batch_size, scaled like train.lr; cosine to train.min_lr_ratio
+    batch_size: int = 16
+    # Activation ranges are recalibrated (min/max over the export's calibration images, as TF's
+    # converter computes them) before each epoch up to this one (0-based), then stay fixed.
+    # BatchNorm is folded into the convs before QAT, as TFLite runs it: there is none to freeze.
+    freeze_observers_epoch: int = 3
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class VerifyParams:
+    """The `verify` stage: every exported model scored on valid by the same evaluator."""
+
+    max_drop: float = 0.02  # fail when a format's mAP is this far below torch float (int8 formats: int8_max_drop)
+    int8_max_drop: float = 0.05  # the same for tflite_int8 and qat_int8
+    split: str = "valid"
+    threads: int = 2  # CPU threads for latency and scoring
+    latency_images: int = 50  # images timed per format (median latency per image)
+    batch_size: int = 8  # torch batch size for scoring
+
+
+@dataclass
+class ReportParams:
+    """The `report` stage: reports/README.md and reports/experiments.md."""
+
+    metric: str = "mAP"  # the metric experiments are ranked and charted by (with mAP50)
+
+
 SECTIONS: dict[str, type] = {"data": DataParams, "model": ModelParams, "train": TrainParams,
-                             "evaluate": EvaluateParams}
+                             "evaluate": EvaluateParams, "export": ExportParams, "qat": QATParams,
+                             "verify": VerifyParams, "report": ReportParams}
 
 
 def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:

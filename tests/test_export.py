@@ -388,3 +388,37 @@ def test_int8_with_uint8_io_takes_raw_pixels(tflite_files, weights, dataset, tmp
     # same quantized network as the float-I/O file: only the I/O conversion differs
     s, b = _max_diffs(backend, TFLiteBackend(tflite_files["int8"]), inputs)
     assert s <= 1e-3 and b <= 0.05
+
+
+# The verify stage's logic over the files exported above.
+
+
+@pytest.mark.slow
+def test_verify_scores_every_format_and_fails_on_drift(onnx_file, tflite_files, weights, dataset, workdir):
+    from rtmdet.data.coco import load_dataset
+    from rtmdet.export.verify import VerifyError, find_exports, run_verify
+
+    folder = workdir / "verify_exports"
+    folder.mkdir(exist_ok=True)
+    for path in [onnx_file, *(tflite_files[p] for p in ("fp32", "fp16", "int8"))]:
+        for f in (path, path.with_suffix(".json")):
+            shutil.copy2(f, folder / f.name)
+    found = find_exports(folder)
+    assert sorted(found) == ["onnx", "tflite_fp16", "tflite_fp32", "tflite_int8"]
+    data = load_dataset(dataset)
+    out = workdir / "verify.json"
+    summary = run_verify(weights, folder, None, data, out, latency_images=2, max_drop=0.01, int8_max_drop=0.2)
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(summary))
+    rows = written["formats"]
+    assert list(rows) == ["torch", "onnx", "tflite_fp32", "tflite_fp16", "tflite_int8"]
+    assert rows["torch"]["drop"] == 0.0
+    for name in ("onnx", "tflite_fp32"):  # float formats score what torch scores
+        assert abs(rows[name]["drop"]) <= 1e-3, (name, rows[name])
+    assert rows["tflite_int8"]["size_mb"] < rows["tflite_fp32"]["size_mb"] / 3
+    assert all(r["latency_ms"] > 0 for r in rows.values())
+    # A limit every format breaks: one clear line naming the formats, after verify.json is written.
+    out.unlink()
+    with pytest.raises(VerifyError, match=r"onnx .*below torch.*verify\.max_drop"):
+        run_verify(weights, folder, None, data, out, latency_images=1, max_drop=-1.0, int8_max_drop=-1.0)
+    assert out.is_file()

@@ -282,15 +282,25 @@ def evaluate_detector(
                 dets[int(rec.image_id)] = d
             bar.update(len(batch))
     seconds = time.perf_counter() - start
+    result = score_detections(dets, split, dataset)
+    result.seconds = seconds
+    result.images_per_s = len(records) / seconds if records and seconds > 0 else None
+    return result
+
+
+def score_detections(
+    dets_by_image_id: dict[int, Detections], split: DetectionSplit, dataset: DetectionDataset
+) -> EvalResult:  # fmt: skip
+    """Score detections already made (keyed by original image id, labels in the dataset's class
+    order) against `split`: the scoring half of evaluate_detector, for detectors that are not a
+    `Detector` (a peer model in a benchmark). Images without an entry count as all misses."""
     result = evaluate_results(
         coco_gt_from_split(split, dataset),
-        detections_to_coco_results(dets, dataset.category_ids),
+        detections_to_coco_results(dets_by_image_id, dataset.category_ids),
         dataset.classes,
         dataset.category_ids,
     )
-    result.seconds = seconds
-    result.images_per_s = len(records) / seconds if records and seconds > 0 else None
-    result.detections = dets
+    result.detections = dets_by_image_id
     return result
 
 

@@ -38,8 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] = ("fp32",), *,
                       data: str | Path | None = None, calib_images: int = 100, int8_io: str = "float",
                       out: str | Path | None = None, dynamic_batch: bool = False,
-                      image_size: int | None = None) -> list[Path]:
-    """Export a checkpoint file; returns the model files written (each has a .json sidecar)."""
+                      image_size: int | None = None, calib_seed: int = 0) -> list[Path]:
+    """Export a checkpoint file; returns the model files written (each has a .json sidecar).
+
+    data: the dataset root (or a loaded DetectionDataset) whose train split calibrates int8."""
     from dataclasses import replace
 
     from rtmdet.models.checkpoint import class_names_of, load_model
@@ -67,8 +69,9 @@ def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] =
 
     calibration, files = None, []
     if "int8" in precisions:
-        calibration, files = load_calibration(calibration_files(data, calib_images), model.cfg.image_size)
-        log.info("calibrating int8 on %d images of %s (train split)", len(files), data)
+        calibration, files = load_calibration(calibration_files(data, calib_images, calib_seed), model.cfg.image_size)
+        where = data if isinstance(data, (str, Path)) else Path(files[0]).parent
+        log.info("calibrating int8 on %d images of %s (train split)", len(files), where)
     results = export_tflite(model, out, precisions, calibration=calibration, calib_files=files,
                             int8_io=int8_io, stem=weights.stem, **common)
     return [r.path for r in results]

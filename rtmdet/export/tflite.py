@@ -49,11 +49,13 @@ _ONNX2TF_FILES = {("fp32", None): "model_float32", ("fp16", None): "model_float1
                   ("int8", "uint8"): "model_full_integer_quant"}
 
 
-def calibration_files(data_root: str | Path, count: int, seed: int = 0) -> list[Path]:
-    """`count` images of the dataset's training split, a fixed random sample (all if fewer)."""
+def calibration_files(data_root, count: int, seed: int = 0) -> list[Path]:
+    """`count` images of the dataset's training split, a fixed random sample (all if fewer).
+
+    data_root: a dataset root folder, or an already loaded DetectionDataset (the prepared data)."""
     from rtmdet.data.coco import load_dataset
 
-    dataset = load_dataset(data_root, check_images=False)
+    dataset = load_dataset(data_root, check_images=False) if isinstance(data_root, (str, Path)) else data_root
     if "train" not in dataset.splits:
         raise ExportError(f"{data_root}: no training split to calibrate on (splits: {', '.join(dataset.splits)})")
     files = sorted({r.file for r in dataset.splits["train"].records})

@@ -1,0 +1,483 @@
+"""RTMDet against Ultralytics YOLO11n, trained from scratch side by side on one COCO dataset.
+
+    python benchmarks/peer_yolo.py --data ROOT [--epochs 100] [--batch 32] [--pairs tiny:320 nano:192]
+        [--workers N] [--seed 0] [--out DIR] [--only rtmdet|yolo] [--rtmdet-set train.lr=0.004 ...]
+        [--wheels DIR] [--keep-weights]
+    python benchmarks/peer_yolo.py --merge A/peer_yolo.json B/peer_yolo.json [--out DIR]
+
+ROOT is a Roboflow COCO export (train/ and valid/ with _annotations.coco.json). For each pair
+SIZE:IMGSZ it trains RTMDet-SIZE (rtmdet.training.train with RTMDET_RECIPE) and YOLO11n (built from
+yolo11n.yaml, ultralytics' defaults, per-epoch validation on) at IMGSZ for the same epochs, batch
+and seed, each in its own child process so wall time and peak GPU memory are its own. Then both
+best checkpoints are scored on valid by the same pycocotools code (score_detections) at score
+threshold 0.001, NMS IoU 0.65, 100 detections per image; YOLO through its own predictor
+(square letterbox, single-label NMS), RTMDet through rtmdet's Detector.
+
+Columns: wall s is the whole train call (data setup, training and the in-training validations;
+for YOLO also its final re-validation of best.pt); img/s = epochs x train images / wall s;
+peak mem is torch.cuda.max_memory_allocated over training; params are those of the trained model
+(3-class heads, BatchNorm not folded). Writes OUT/peer_yolo.json and the children's logs in OUT/logs.
+
+Ultralytics is a benchmark-only dependency: when it cannot be imported it is installed from the
+wheels in --wheels (ultralytics and ultralytics_thop; its other deps must be there already) into the
+scratch folder. It runs offline: YOLO_OFFLINE=true, a private YOLO_CONFIG_DIR, integrations
+(dvc, mlflow, ...) off, and the two calls that download regardless of YOLO_OFFLINE replaced: the
+AMP check (it fetches yolo11n.pt; on CUDA it passes on H100/H200, so AMP is simply on) and the
+font check of the dataset check (Arial.ttf, only for plots). Any other network attempt is refused
+by an audit hook and listed under network_attempts in the child's result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runs from a checkout, installed or not
+
+from rtmdet.config import parse_section  # noqa: E402 (light: no torch in the parent)
+from rtmdet.errors import ConfigError  # noqa: E402
+from rtmdet.fileio import write_json_atomic  # noqa: E402
+
+# TrainParams the benchmark uses for RTMDet on small real data (--epochs, --batch, --seed and
+# --workers are set from the command line; --rtmdet-set overrides any of these).
+# The small-data recipe, tuned on facemask (677 images) at batch 32 on one H100; see README
+# "Training on a small dataset". mmdetection's rule (0.004 at 256, i.e. 0.0005 at 32) gave
+# tiny@320 0.134 mAP in 100 epochs; 0.004 at 32: 0.334; 0.008: 0.392; 0.016: 0.414; 0.032: 0.402.
+RTMDET_RECIPE: dict[str, Any] = {
+    "batch_size": 32,
+    "lr": 0.016,
+    "base_batch_size": 32,
+    "warmup_iters": 300,
+    "stage2_epochs": 20,
+    "val_interval": 10,
+    "stage2_val_interval": 5,
+    "amp": "auto",
+    "channels_last": True,
+}
+SCORE_THR, NMS_IOU, MAX_DETS = 0.001, 0.65, 100
+YOLO_MODEL = "yolo11n.yaml"
+
+
+# ---- parent: run the children, print the table --------------------------------------------------
+def main() -> int:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.child:
+        return run_child(json.loads(args.child))
+    if args.merge:
+        return merge(args.merge, args.out.resolve())
+    out = args.out.resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="peer_yolo_", dir=args.work))
+    try:
+        env = child_env(args, work)
+        runs, yolo_sizes = [], set()
+        for size, imgsz in args.pairs:
+            if args.only != "yolo":
+                runs.append(run_one(args, "rtmdet", size, imgsz, work, out, env))
+            if args.only != "rtmdet" and imgsz not in yolo_sizes:  # one YOLO11n per image size
+                yolo_sizes.add(imgsz)
+                runs.append(run_one(args, "yolo", size, imgsz, work, out, env))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = {"settings": settings_of(args), "runs": runs, "pairs": pair_ratios(runs)}
+    write_json_atomic(out / "peer_yolo.json", report)
+    print(format_table(report))
+    print(f"\nwrote {out / 'peer_yolo.json'}")
+    return 1 if any("error" in r for r in runs) else 0
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=REPO / ".devdata" / "facemask", help="Roboflow COCO export")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--pairs", nargs="+", type=_pair, default=[("tiny", 320), ("nano", 192)],
+                   help="RTMDet SIZE:IMGSZ pairs, each against YOLO11n at IMGSZ (default: tiny:320 nano:192)")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "peer_yolo")
+    p.add_argument("--only", choices=("rtmdet", "yolo"))
+    p.add_argument("--rtmdet-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="RTMDet overrides: train.<key>=<value> or model.<key>=<value> (YAML values)")
+    p.add_argument("--wheels", type=Path, default=REPO / ".whl", help="ultralytics wheels, used when it is missing")
+    p.add_argument("--work", type=Path, default=None, help="scratch parent folder (default: the system temp)")
+    p.add_argument("--keep-weights", action="store_true",
+                   help="copy the best checkpoints to OUT (rtmdet_<size>_<imgsz>.pt, yolo11n_<imgsz>.pt)")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="train nothing: one table from earlier peer_yolo.json files (runs split with --only)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.data = args.data.resolve()
+    args.rtmdet_overrides = _overrides(args.rtmdet_set)
+    return args
+
+
+def _pair(text: str) -> tuple[str, int]:
+    size, _, imgsz = text.partition(":")
+    if not size or not imgsz.isdigit():
+        raise argparse.ArgumentTypeError(f"expected SIZE:IMGSZ such as tiny:320, got {text!r}")
+    return size, int(imgsz)
+
+
+def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or section not in out or not name:
+            raise SystemExit(f"--rtmdet-set {item!r}: expected train.<key>=<value> or model.<key>=<value>")
+        out[section][name] = yaml.safe_load(value)
+    try:  # a typo fails now, not after the first hours of training
+        parse_section("train", {**RTMDET_RECIPE, **out["train"]})
+        parse_section("model", out["model"])
+    except ConfigError as exc:
+        raise SystemExit(f"--rtmdet-set: {exc}") from None
+    return out
+
+
+# ultralytics' own dependencies, which the benchmark does not install (import names).
+YOLO_DEPS = ("scipy", "seaborn", "cpuinfo", "psutil", "requests", "matplotlib", "pandas", "cv2", "yaml")
+
+
+def child_env(args: argparse.Namespace, work: Path) -> dict[str, str]:
+    """The children's environment: offline ultralytics with its own config dir, importable."""
+    paths = [str(REPO)]
+    if args.only != "rtmdet":
+        missing = [m for m in YOLO_DEPS if importlib.util.find_spec(m) is None]
+        if missing:  # fail before hours of RTMDet training, not after
+            raise SystemExit(f"ultralytics needs {', '.join(missing)}, which this Python cannot import")
+        if importlib.util.find_spec("ultralytics") is None:
+            paths.insert(0, str(install_ultralytics(args.wheels, work / "site")))
+    old = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths + ([old] if old else [])))
+    # 8.3.120 reads YOLO_OFFLINE as the string "true" only ("1" would still probe 1.1.1.1:80).
+    env.update(YOLO_OFFLINE="true", YOLO_CONFIG_DIR=str(work / "ultralytics_config"), MPLBACKEND="Agg")
+    return env
+
+
+def install_ultralytics(wheels: Path, target: Path) -> Path:
+    files = sorted(wheels.glob("ultralytics-*.whl")) + sorted(wheels.glob("ultralytics_thop-*.whl"))
+    if len(files) < 2:
+        raise SystemExit(f"{wheels}: ultralytics is not installed and its wheels (ultralytics-*.whl, "
+                         "ultralytics_thop-*.whl) are not there; give --wheels DIR")
+    print(f"installing {', '.join(f.name for f in files)} into {target}", flush=True)
+    if importlib.util.find_spec("pip") is not None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet",
+                        "--target", str(target), *map(str, files)], check=True)
+    else:  # both are pure-Python wheels: unpacking them is all pip would do
+        import zipfile
+
+        for f in files:
+            with zipfile.ZipFile(f) as z:
+                z.extractall(target)
+    return target
+
+
+def run_one(args: argparse.Namespace, kind: str, size: str, imgsz: int, work: Path, out: Path,
+            env: dict[str, str]) -> dict[str, Any]:
+    """One (model, size) in a child process; its result dict, or one with 'error' when it failed."""
+    name = f"rtmdet_{size}_{imgsz}" if kind == "rtmdet" else f"yolo11n_{imgsz}"
+    spec = {"kind": kind, "size": size, "imgsz": imgsz, "data": str(args.data), "epochs": args.epochs,
+            "batch": args.batch, "seed": args.seed, "workers": args.workers, "work": str(work / name),
+            "result": str(work / f"{name}.json"), "overrides": args.rtmdet_overrides,
+            "keep": str(out / f"{name}.pt") if args.keep_weights else None}
+    log_path = out / "logs" / f"{name}.log"
+    print(f"training {name} ({args.epochs} epochs) ... log: {log_path}", flush=True)
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        rc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+    result_path = Path(spec["result"])
+    if rc != 0 or not result_path.exists():
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
+        print(f"{name} FAILED (exit {rc}); last lines of {log_path}:\n{tail}", flush=True)
+        return {"name": name, "kind": kind, "size": size, "imgsz": imgsz, "error": f"exit {rc}, see {log_path}"}
+    result = json.loads(result_path.read_text())
+    print(f"{name}: mAP {_f(result['mAP'], 4)}, wall {result['wall_s']:.0f} s "
+          f"(child {time.perf_counter() - start:.0f} s)", flush=True)
+    return result
+
+
+def merge(files: list[Path], out: Path) -> int:
+    """The table and ratios of runs made by several invocations (each under the device time limit)."""
+    reports = [json.loads(f.read_text()) for f in files]
+    runs = [r for rep in reports for r in rep["runs"]]
+    report = {"settings": reports[0]["settings"], "merged_from": [str(f) for f in files], "runs": runs,
+              "pairs": pair_ratios(runs)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "peer_yolo.json", report)
+    print(format_table(report))
+    print(f"\nwrote {out / 'peer_yolo.json'}")
+    return 0
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {"data": str(args.data), "epochs": args.epochs, "batch": args.batch, "seed": args.seed,
+            "workers": args.workers, "pairs": [f"{s}:{i}" for s, i in args.pairs],
+            "rtmdet_recipe": RTMDET_RECIPE, "rtmdet_overrides": args.rtmdet_overrides,
+            "score_thr": SCORE_THR, "nms_iou": NMS_IOU, "max_dets": MAX_DETS}
+
+
+def pair_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """RTMDet / YOLO mAP and wall time at each image size where both finished."""
+    ok = [r for r in runs if "error" not in r]
+    pairs = []
+    for r in (r for r in ok if r["kind"] == "rtmdet"):
+        y = next((y for y in ok if y["kind"] == "yolo" and y["imgsz"] == r["imgsz"]), None)
+        if y is not None:
+            pairs.append({"rtmdet": r["name"], "yolo": y["name"],
+                          "mAP_ratio": _ratio(r["mAP"], y["mAP"]), "mAP50_ratio": _ratio(r["mAP50"], y["mAP50"]),
+                          "time_ratio": _ratio(r["wall_s"], y["wall_s"])})
+    return pairs
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def format_table(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [f"\n{s['epochs']} epochs, batch {s['batch']}, seed {s['seed']}, {s['workers']} workers; "
+             f"valid scored by pycocotools at score {SCORE_THR}, NMS IoU {NMS_IOU}, {MAX_DETS} dets/img",
+             "| model | imgsz | mAP50-95 | mAP50 | mAP_small | wall s (train+val) | img/s | peak mem GiB | params M |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['imgsz']} | failed: {r['error']} | | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['imgsz']} | {_f(r['mAP'], 4)} | {_f(r['mAP50'], 4)} | "
+                     f"{_f(r['mAP_small'], 4)} | {r['wall_s']:.0f} | {r['images_per_s']:.0f} | "
+                     f"{_f(r['peak_mem_gib'], 2)} | {r['params'] / 1e6:.2f} |")
+    for p in report["pairs"]:
+        lines.append(f"\n{p['rtmdet']} / {p['yolo']}: mAP {_x(p['mAP_ratio'])}, mAP50 {_x(p['mAP50_ratio'])}, "
+                     f"wall time {_x(p['time_ratio'])}")
+    return "\n".join(lines)
+
+
+def _f(v: float | None, digits: int) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _x(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}x"
+
+
+# ---- child: train and score one model -----------------------------------------------------------
+def run_child(spec: dict[str, Any]) -> int:
+    import torch
+
+    blocked = forbid_network()
+    work = Path(spec["work"])
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)  # anything a library writes next to itself lands in scratch
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = train_rtmdet(spec) if spec["kind"] == "rtmdet" else train_yolo(spec)
+    result.update(kind=spec["kind"], size=spec["size"], imgsz=spec["imgsz"], epochs=spec["epochs"],
+                  batch=spec["batch"], seed=spec["seed"], workers=spec["workers"], network_attempts=blocked,
+                  device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                  torch=torch.__version__)
+    write_json_atomic(Path(spec["result"]), result)
+    return 0
+
+
+def forbid_network() -> list[str]:
+    """Refuse every non-loopback connection or name lookup in this process; returns the list of
+    refused attempts (filled as they happen), so the result says what a library tried."""
+    import socket
+
+    blocked: list[str] = []
+    local = {None, "", "localhost", "127.0.0.1", "::1"}
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "socket.getaddrinfo" and args[0] not in local:
+            target = f"lookup {args[0]}:{args[1]}"
+        elif (event == "socket.connect" and args[0].family in (socket.AF_INET, socket.AF_INET6)
+              and args[1][0] not in local):
+            target = f"connect {args[1][0]}:{args[1][1]}"
+        else:
+            return
+        blocked.append(target)
+        print(f"peer_yolo: refused network access ({target})", file=sys.stderr, flush=True)
+        raise OSError(f"peer_yolo runs offline: refused {target}")
+
+    sys.addaudithook(hook)
+    return blocked
+
+
+def _peak_mem() -> tuple[float | None, float | None]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, None
+    return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+
+
+def train_rtmdet(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from rtmdet.config import DataParams, as_dict
+    from rtmdet.data.coco import load_dataset
+    from rtmdet.training import train
+
+    over = spec["overrides"]
+    train_p = parse_section("train", {**RTMDET_RECIPE, "epochs": spec["epochs"], "batch_size": spec["batch"],
+                                      "seed": spec["seed"], "workers": spec["workers"], **over["train"]})
+    model_p = parse_section("model", {"size": spec["size"], "imgsz": spec["imgsz"], **over["model"]})
+    start = time.perf_counter()
+    run = train(DataParams(root=spec["data"]), model_p, train_p, Path(spec["work"]) / "train", progress=False)
+    wall = time.perf_counter() - start
+    mem, reserved = _peak_mem()
+    dataset = load_dataset(spec["data"])
+    result = score_rtmdet(run.best, dataset, spec["imgsz"], "cuda" if torch.cuda.is_available() else "cpu")
+    if spec["keep"]:
+        shutil.copy2(run.best, spec["keep"])
+    n_train = len(dataset.splits["train"].records)
+    return {"name": f"rtmdet_{spec['size']}_{spec['imgsz']}", "model": f"RTMDet-{spec['size']}",
+            **result, "wall_s": wall, "images_per_s": spec["epochs"] * n_train / wall,
+            "peak_mem_gib": mem, "peak_reserved_gib": reserved, "train_images": n_train,
+            "best_epoch": run.best_epoch, "train_val_mAP": run.best_mAP,
+            "train_loop_images_per_s": run.images_per_s, "train_params": as_dict(train_p),
+            "model_params": as_dict(model_p)}
+
+
+def score_rtmdet(best: Path, dataset: Any, imgsz: int, device: str) -> dict[str, Any]:
+    from rtmdet.evaluation.coco_eval import evaluate_detector
+    from rtmdet.inference import Detector
+    from rtmdet.inference.backends import TorchBackend
+    from rtmdet.inference.postprocess import PostprocessConfig
+    from rtmdet.models.checkpoint import class_names_of, load_model
+
+    model, ckpt = load_model(best, device)
+    params = sum(p.numel() for p in model.parameters())
+    post = PostprocessConfig(score_thr=SCORE_THR, iou_thr=NMS_IOU, max_per_img=MAX_DETS)
+    detector = Detector(TorchBackend(model, device), class_names_of(ckpt, model.cfg.num_classes), imgsz,
+                        post, batch_size=32)
+    ev = evaluate_detector(detector, dataset.splits["valid"], dataset, batch_size=32, progress=False)
+    return {**ev.stats, "params": params, "eval_s": ev.seconds, "per_class": ev.per_class}
+
+
+def train_yolo(spec: dict[str, Any]) -> dict[str, Any]:
+    import ultralytics
+    from ultralytics import YOLO
+
+    from rtmdet.data.coco import load_dataset
+
+    offline_ultralytics()
+    dataset = load_dataset(spec["data"])
+    data_yaml = write_yolo_dataset(dataset, Path(spec["work"]) / "data")
+    model = YOLO(YOLO_MODEL)
+    marks: dict[str, float] = {}
+    model.add_callback("on_train_start", lambda t: marks.setdefault("start", time.perf_counter()))
+    model.add_callback("on_fit_epoch_end", lambda t: marks.setdefault(f"epoch{t.epoch}", time.perf_counter()))
+    start = time.perf_counter()
+    model.train(data=str(data_yaml), epochs=spec["epochs"], batch=spec["batch"], imgsz=spec["imgsz"],
+                seed=spec["seed"], workers=spec["workers"], pretrained=False, plots=False, val=True,
+                project=str(Path(spec["work"]) / "runs"), name="train", exist_ok=True)
+    wall = time.perf_counter() - start
+    mem, reserved = _peak_mem()
+    trainer = model.trainer
+    own = {k: float(v) for k, v in (trainer.metrics or {}).items()}  # its own val of best.pt (final_eval)
+    result = score_yolo(Path(trainer.best), dataset, spec["imgsz"])
+    if spec["keep"]:
+        shutil.copy2(trainer.best, spec["keep"])
+    n_train = len(dataset.splits["train"].records)
+    last = marks.get(f"epoch{spec['epochs'] - 1}")
+    return {"name": f"yolo11n_{spec['imgsz']}", "model": "YOLO11n", **result, "wall_s": wall,
+            "images_per_s": spec["epochs"] * n_train / wall, "peak_mem_gib": mem, "peak_reserved_gib": reserved,
+            "train_images": n_train, "epochs_s": last - marks["start"] if last and "start" in marks else None,
+            "ultralytics_val": own, "amp": bool(trainer.amp), "ultralytics": ultralytics.__version__}
+
+
+def offline_ultralytics() -> None:
+    """Ultralytics without downloads, logger integrations or settings outside YOLO_CONFIG_DIR."""
+    import ultralytics.data.utils as data_utils
+    import ultralytics.engine.trainer as engine_trainer
+    from ultralytics.utils import SETTINGS
+
+    SETTINGS.update({k: False for k in ("sync", "hub", "clearml", "comet", "dvc", "mlflow", "neptune",
+                                        "raytune", "tensorboard", "wandb")})
+    # check_amp() compares the model against yolo11n.pt, downloading it first; on the CUDA GPUs
+    # this benchmark runs on it passes, so AMP is on exactly as after a passing check.
+    engine_trainer.check_amp = lambda model: next(model.parameters()).device.type == "cuda"
+    # check_det_dataset() fetches Arial.ttf for plot labels; with plots=False no font is needed.
+    data_utils.check_font = lambda *a, **k: None
+
+
+def write_yolo_dataset(dataset: Any, root: Path) -> Path:
+    """train and valid in ultralytics' layout (images/<split> links, labels/<split>/*.txt with class
+    cx cy w h normalized; class k is rtmdet's label k, i.e. dataset.category_ids[k]); the data yaml."""
+    import yaml
+
+    for split in ("train", "valid"):
+        images, labels = root / "images" / split, root / "labels" / split
+        images.mkdir(parents=True)
+        labels.mkdir(parents=True)
+        for rec in dataset.splits[split].records:
+            stem = str(rec.image_id)  # unique within a split, unlike some exports' file names
+            _link(rec.file, images / f"{stem}{rec.file.suffix.lower()}")
+            rows = []
+            for (x1, y1, x2, y2), label in zip(rec.boxes.tolist(), rec.labels.tolist(), strict=True):
+                box = ((x1 + x2) / 2 / rec.width, (y1 + y2) / 2 / rec.height,
+                       (x2 - x1) / rec.width, (y2 - y1) / rec.height)
+                rows.append(f"{label} " + " ".join(f"{min(max(v, 0.0), 1.0):.6f}" for v in box))
+            (labels / f"{stem}.txt").write_text("".join(r + "\n" for r in rows))
+    data = {"path": str(root), "train": "images/train", "val": "images/valid",
+            "names": dict(enumerate(dataset.classes))}
+    path = root / "data.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        dst.symlink_to(src)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def score_yolo(best: Path, dataset: Any, imgsz: int) -> dict[str, Any]:
+    """YOLO's predictor on every valid image (rtmdet's reader, so both see the same pixels), scored
+    by the function evaluate_detector scores with."""
+    import numpy as np
+    from ultralytics import YOLO
+
+    from rtmdet.evaluation.coco_eval import score_detections
+    from rtmdet.imageio import read_image
+    from rtmdet.inference.detections import Detections
+
+    model = YOLO(str(best))
+    params = sum(p.numel() for p in model.model.parameters())  # before predict() fuses BN in place
+    records = dataset.splits["valid"].records
+    dets: dict[int, Detections] = {}
+    start = time.perf_counter()
+    for i in range(0, len(records), 32):
+        batch = records[i : i + 32]
+        results = model.predict([read_image(r.file) for r in batch], imgsz=imgsz, conf=SCORE_THR, iou=NMS_IOU,
+                                max_det=MAX_DETS, verbose=False)
+        for rec, res in zip(batch, results, strict=True):
+            b = res.boxes
+            dets[int(rec.image_id)] = Detections(
+                b.xyxy.cpu().numpy().astype(np.float32), b.conf.cpu().numpy().astype(np.float32),
+                b.cls.cpu().numpy().astype(np.int64), list(dataset.classes), tuple(res.orig_shape))
+    seconds = time.perf_counter() - start
+    ev = score_detections(dets, dataset.splits["valid"], dataset)
+    return {**ev.stats, "params": params, "eval_s": seconds, "per_class": ev.per_class}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

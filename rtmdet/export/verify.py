@@ -1,0 +1,166 @@
+"""The `verify` stage's logic: every model format scored on one split by the same evaluator.
+
+The torch checkpoint and each exported file (ONNX, TFLite fp32 / fp16 / int8, QAT int8) run
+through the same `Detector` pre- and post-process and the same pycocotools evaluation, on the
+CPU with a fixed thread count. For each format verify.json holds mAP, mAP50, `drop` (torch mAP
+minus the format's mAP), the file size and the median latency of one image through the model
+(backend call only: the letterboxed tensor in, raw head outputs back; reading, letterbox and NMS
+are the same code for every format and are left out).
+
+A format whose drop exceeds its limit (`max_drop`, or `int8_max_drop` for the int8 files) fails
+the stage with one line per offending format, after verify.json has been written so the numbers
+can be read.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rtmdet.data.records import DetectionDataset
+from rtmdet.errors import RTMDetError
+from rtmdet.fileio import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# Report order; the file of each format inside the export / qat folders (see stages/export.py).
+FORMAT_ORDER = ("torch", "onnx", "tflite_fp32", "tflite_fp16", "tflite_int8", "qat_int8")
+_PATTERNS = {"onnx": "*.onnx", "tflite_fp32": "*_fp32.tflite", "tflite_fp16": "*_fp16.tflite",
+             "tflite_int8": "*_int8*.tflite"}
+
+
+class VerifyError(RTMDetError):
+    """An exported model whose accuracy drifted beyond the allowed drop."""
+
+
+@dataclass
+class FormatScore:
+    """One format's result on the split."""
+
+    name: str
+    path: Path
+    metrics: dict[str, Any]
+    size_mb: float
+    latency_ms: float
+
+    def row(self, torch_map: float | None) -> dict[str, Any]:
+        m = self.metrics
+        drop = None if torch_map is None else round(torch_map - m["mAP"], 5)
+        return {"mAP": m["mAP"], "mAP50": m["mAP50"], "mAP_small": m.get("mAP_small"), "drop": drop,
+                "size_mb": round(self.size_mb, 3), "latency_ms": round(self.latency_ms, 2),
+                "file": str(self.path)}
+
+
+def find_exports(export_dir: str | Path | None, qat_dir: str | Path | None = None) -> dict[str, Path]:
+    """{format: file} of the exported models present in the export and qat folders."""
+    found: dict[str, Path] = {}
+    if export_dir is not None and Path(export_dir).is_dir():
+        for name, pattern in _PATTERNS.items():
+            files = sorted(Path(export_dir).glob(pattern))
+            if len(files) > 1:
+                raise VerifyError(f"{export_dir}: several {name} files ({', '.join(f.name for f in files)}); "
+                                  "keep one per format")
+            if files:
+                found[name] = files[0]
+    if qat_dir is not None and Path(qat_dir).is_dir():
+        files = sorted(Path(qat_dir).glob("*.tflite"))
+        if files:
+            found["qat_int8"] = files[0]
+    return found
+
+
+def latency_ms(detector, files: list[Path], count: int) -> float:
+    """Median milliseconds of one image through the detector's backend (after 3 warm-up runs)."""
+    from rtmdet.imageio import read_image
+    from rtmdet.inference.preprocess import letterbox, to_chw_tensor
+
+    tensors = [to_chw_tensor([letterbox(read_image(f), detector.image_size)[0]]) for f in files[:max(count, 1)]]
+    for t in tensors[:3]:
+        detector.backend(t)
+    times = []
+    for t in tensors:
+        start = time.perf_counter()
+        detector.backend(t)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def score_format(name: str, path: Path, detector, dataset: DetectionDataset, split: str, latency_images: int,
+                 batch_size: int) -> FormatScore:
+    from rtmdet.evaluation.coco_eval import evaluate_detector
+
+    result = evaluate_detector(detector, dataset.splits[split], dataset, batch_size=batch_size, progress=False)
+    files = [r.file for r in dataset.splits[split].records]
+    ms = latency_ms(detector, files, latency_images)
+    metrics = result.to_metrics()
+    log.info("%-12s mAP %.4f  mAP50 %.4f  %.2f MB  %.2f ms/img", name, metrics["mAP"], metrics["mAP50"],
+             path.stat().st_size / 1e6, ms)
+    return FormatScore(name, path, metrics, path.stat().st_size / 1e6, ms)
+
+
+def verify(weights: str | Path, exports: dict[str, Path], dataset: DetectionDataset, *, split: str = "valid",
+           threads: int = 2, latency_images: int = 50, batch_size: int = 8) -> list[FormatScore]:
+    """Score the torch checkpoint and every export on `split` (CPU, `threads` threads)."""
+    import torch
+
+    from rtmdet.export.backends import detector_from_export
+    from rtmdet.inference.predictor import Detector
+
+    if split not in dataset.splits:
+        raise VerifyError(f"split {split!r} not in the dataset (splits: {', '.join(dataset.splits)})")
+    torch.set_num_threads(threads)
+    weights = Path(weights)
+    scores = [score_format("torch", weights, Detector.from_checkpoint(weights, device="cpu", batch_size=batch_size),
+                           dataset, split, latency_images, batch_size)]
+    for name in FORMAT_ORDER[1:]:
+        if name in exports:
+            detector = detector_from_export(exports[name], class_names=dataset.classes, threads=threads,
+                                            batch_size=batch_size)
+            scores.append(score_format(name, exports[name], detector, dataset, split, latency_images, batch_size))
+    return scores
+
+
+def report(scores: list[FormatScore], split: str, threads: int) -> dict[str, Any]:
+    """verify.json's content: {split, threads, formats: {name: row}}."""
+    torch_map = next((s.metrics["mAP"] for s in scores if s.name == "torch"), None)
+    return {"split": split, "threads": threads, "formats": {s.name: s.row(torch_map) for s in scores}}
+
+
+def check_drops(summary: dict[str, Any], max_drop: float, int8_max_drop: float) -> list[str]:
+    """One line per format whose mAP fell further below torch than allowed."""
+    problems = []
+    for name, row in summary["formats"].items():
+        limit = int8_max_drop if "int8" in name else max_drop
+        if row["drop"] is not None and name != "torch" and row["drop"] > limit:
+            problems.append(f"{name} ({row['file']}): mAP {row['mAP']:.4f} is {row['drop']:.4f} below torch, "
+                            f"more than the allowed {limit} (verify.{'int8_' if 'int8' in name else ''}max_drop)")
+    return problems
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    lines = ["| format | mAP | mAP50 | drop vs torch | size MB | CPU ms/img |", "|---|---|---|---|---|---|"]
+    for name, r in summary["formats"].items():
+        drop = "" if r["drop"] is None or name == "torch" else f"{r['drop']:+.4f}"
+        lines.append(f"| {name} | {r['mAP']:.4f} | {r['mAP50']:.4f} | {drop} | {r['size_mb']:.2f} | {r['latency_ms']:.2f} |")
+    return "\n".join(lines)
+
+
+def run_verify(weights: str | Path, export_dir: str | Path | None, qat_dir: str | Path | None,
+               dataset: DetectionDataset, out: str | Path, *, split: str = "valid", threads: int = 2,
+               latency_images: int = 50, batch_size: int = 8, max_drop: float = 0.02,
+               int8_max_drop: float = 0.05) -> dict[str, Any]:
+    """Score everything, write `out` (verify.json), then fail if a format drifted too far."""
+    exports = find_exports(export_dir, qat_dir)
+    scores = verify(weights, exports, dataset, split=split, threads=threads, latency_images=latency_images,
+                    batch_size=batch_size)
+    summary = report(scores, split, threads)
+    write_json_atomic(Path(out), summary)
+    print(format_table(summary), flush=True)
+    problems = check_drops(summary, max_drop, int8_max_drop)
+    if problems:
+        raise VerifyError("; ".join(problems))
+    return summary

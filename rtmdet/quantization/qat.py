@@ -1,0 +1,141 @@
+"""Quantization-aware fine-tuning: the float model, BN folded, trained under TFLite's int8.
+
+Schedule (epochs 0-based, F = qat.freeze_observers_epoch):
+  * before epochs 0..F: every activation range is recalibrated as TF's converter will do it
+    (global min/max over the export's calibration images, float model); from epoch F on the
+    ranges stay fixed, so the last epochs adapt the weights to one fixed int8 grid;
+  * every step: stage-2 pipeline (no mosaic/mixup), RTMDetLoss, AdamW over the folded weights
+    (no BN left to freeze), lr on a cosine from qat.lr down to train.min_lr_ratio x qat.lr;
+  * after the last epoch: one more calibration with the final weights: the converter
+    calibrates the weights it is given, so these are the ranges the int8 file will have.
+    How far they moved from the frozen ones is reported (`range_shift`).
+Ranges never move in a training step or in evaluation: only `calibrate` sets them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rtmdet.config import QATParams, TrainParams
+from rtmdet.data.loader import TrainDataset, build_dataloader, set_epoch
+from rtmdet.data.pipeline import PipelineConfig
+from rtmdet.data.records import DetectionDataset
+from rtmdet.errors import ConfigError, RTMDetError
+from rtmdet.quantization.model import QATDetector, calibrate
+from rtmdet.training.build import seed_everything
+from rtmdet.training.losses import RTMDetLoss, make_priors
+from rtmdet.training.optim import LrSchedule, build_optimizer, set_lr
+
+log = logging.getLogger(__name__)
+
+
+class QATError(RTMDetError):
+    """Quantization-aware training cannot go on (a NaN or infinite loss)."""
+
+
+@dataclass
+class FinetuneResult:
+    """What the fine-tuning did: per-epoch means, wall time, and how far the final ranges moved."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    range_shift: float = 0.0  # max over quantizers of |final - frozen| / frozen range width
+    range_shift_at: str = ""  # the quantizer that moved most
+
+
+def check_qat_params(qat: QATParams) -> None:
+    """Reject values the loop cannot run with, naming the key."""
+    for key in ("epochs", "batch_size"):
+        if getattr(qat, key) < 1:
+            raise ConfigError(f"qat.{key} must be at least 1, got {getattr(qat, key)}")
+    if qat.lr <= 0:
+        raise ConfigError(f"qat.lr must be positive, got {qat.lr}")
+    if qat.freeze_observers_epoch < 0:
+        raise ConfigError(f"qat.freeze_observers_epoch must be 0 or more, got {qat.freeze_observers_epoch}")
+    if qat.workers < 0:
+        raise ConfigError(f"qat.workers must be 0 or more, got {qat.workers}")
+
+
+def finetune(model: QATDetector, dataset: DetectionDataset, qat: QATParams, train: TrainParams,
+             calibration: np.ndarray, device: torch.device, progress: bool = True) -> FinetuneResult:
+    """Fine-tune `model` in place under fake-quant (see the module docstring)."""
+    check_qat_params(qat)
+    seed_everything(qat.seed)
+    model.to(device)
+    if train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    size, imgsz = model.cfg.size, model.cfg.image_size
+    loader = build_dataloader(TrainDataset(dataset.splits["train"].records, PipelineConfig.for_size(size, imgsz)),
+                              qat.batch_size, num_workers=qat.workers, seed=qat.seed)
+    iters = loader.batch_sampler.batches_per_epoch()
+    lr = qat.lr * qat.batch_size / train.base_batch_size
+    schedule = LrSchedule(lr, 0, 0, qat.epochs * iters, lr * train.min_lr_ratio)
+    optimizer = build_optimizer(model, lr, train.weight_decay, device)
+    criterion = RTMDetLoss(model.strides)
+    priors = make_priors([(imgsz // s, imgsz // s) for s in model.strides], model.strides, device=device)
+    result, start, frozen = FinetuneResult(), time.perf_counter(), None
+    log.info("QAT: %d epochs x %d iterations, lr %.3g, ranges fixed from epoch %d", qat.epochs, iters, lr,
+             qat.freeze_observers_epoch + 1)
+    for epoch in range(qat.epochs):
+        if epoch <= qat.freeze_observers_epoch:
+            calibrate(model, calibration)
+            if epoch == qat.freeze_observers_epoch:
+                frozen = model.ranges()
+        set_epoch(loader, epoch, stage=2)
+        model.train()
+        sums = torch.zeros(3, device=device)
+        bar = tqdm(loader, total=iters, desc=f"qat {epoch + 1}/{qat.epochs}", unit="it", leave=False,
+                   disable=not progress, dynamic_ncols=True)
+        epoch_start = time.perf_counter()
+        for k, batch in enumerate(bar):
+            set_lr(optimizer, schedule(epoch * iters + k))
+            losses = _step(model, batch, criterion, priors, optimizer, device, train.channels_last)
+            sums += losses
+        means = (sums / iters).tolist()
+        if not all(math.isfinite(v) for v in means):
+            raise QATError(f"QAT epoch {epoch + 1}: the loss became NaN/inf ({means[0]}); try a lower qat.lr")
+        # No wall times in the history: it goes into qat.pt, which should be byte-reproducible.
+        result.history.append({"epoch": epoch + 1, "loss": means[0], "loss_cls": means[1], "loss_bbox": means[2],
+                               "lr": optimizer.param_groups[0]["lr"]})
+        log.info("QAT epoch %d/%d  loss %.4f (cls %.4f, bbox %.4f)  %.1fs", epoch + 1, qat.epochs, *means,
+                 time.perf_counter() - epoch_start)
+    if train.channels_last:  # back to the default layout: evaluation and qat.pt then match bit for bit
+        model.to(memory_format=torch.contiguous_format)
+    calibrate(model, calibration)  # the converter's ranges for the final weights
+    if frozen:
+        result.range_shift, result.range_shift_at = _range_shift(frozen, model.ranges())
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _step(model: QATDetector, batch: dict[str, Any], criterion: RTMDetLoss, priors: torch.Tensor,
+          optimizer: torch.optim.Optimizer, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = model.normalize(batch["images"].to(device, non_blocking=True))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    cls_scores, bbox_preds = model(x)
+    losses = criterion(cls_scores, bbox_preds, batch["boxes"].to(device), batch["labels"].to(device), priors=priors)
+    losses["loss"].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack([losses["loss"], losses["loss_cls"], losses["loss_bbox"]]).detach()
+
+
+def _range_shift(before: dict[str, list[float]], after: dict[str, list[float]]) -> tuple[float, str]:
+    """The largest move of a range end, as a fraction of the frozen range's width, and where."""
+    worst, where = 0.0, ""
+    for name, (lo, hi) in before.items():
+        width = max(hi - lo, 1e-12)
+        lo2, hi2 = after[name]
+        shift = max(abs(lo2 - lo), abs(hi2 - hi)) / width
+        if shift > worst:
+            worst, where = shift, name
+    return worst, where

@@ -1,0 +1,178 @@
+"""reports/README.md: one page with the current run's numbers, tables and pictures.
+
+Images are linked relative to the reports folder, so the page renders wherever that folder is
+(a checkout, a copy, GitHub). Only metrics/evaluate.json is required; a missing optional input
+leaves its section out with a one-line note.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rtmdet.config import as_dict
+from rtmdet.reporting.curves import read_live_metrics, training_figure
+from rtmdet.reporting.inputs import (EVALUATE_DIR, LIVE_METRICS, PREPARE_DIR, QAT, REPORT_DIR, VERIFY,
+                                     format_order, read_optional)  # fmt: skip
+from rtmdet.reporting.markdown import figure_png, fmt, image, table
+
+TRAINING_PNG = REPORT_DIR / "training.png"
+# What each number of evaluate.json means (pycocotools' summary lines, then the evaluate stage's extras).
+MEANING = {
+    "mAP": "AP, IoU 0.50:0.95", "mAP50": "AP, IoU 0.50", "mAP75": "AP, IoU 0.75",
+    "mAP_small": "AP, small boxes (< 32² px)", "mAP_medium": "AP, medium boxes",
+    "mAP_large": "AP, large boxes (> 96² px)", "AR1": "AR, 1 detection per image",
+    "AR10": "AR, 10 detections per image", "AR100": "AR, 100 detections per image",
+    "AR_small": "AR, small boxes", "AR_medium": "AR, medium boxes", "AR_large": "AR, large boxes",
+    "precision_at_conf": "precision at the confusion threshold (IoU 0.50)",
+    "recall_at_conf": "recall at the confusion threshold", "f1_at_conf": "F1 at the confusion threshold",
+    "images_per_s": "inference speed of the evaluate stage", "num_images": "images scored",
+}  # fmt: skip
+EVALUATE_PNGS = (("pr", "Precision-recall curves"), ("confusion", "Confusion matrix"), ("per_class_ap", "AP per class"),
+                 ("worst", "Worst images first (ground truth | predictions)"))  # fmt: skip
+PREPARE_PNGS = {"boxes_per_class": "Boxes per class", "box_sizes": "Box sizes",
+                "augmented": "Augmented training samples"}  # fmt: skip
+# verify.json's numbers per format: key, header, decimals.
+FORMAT_COLUMNS = (("mAP", "mAP", 4), ("mAP50", "mAP50", 4), ("drop", "mAP drop vs torch", 4),
+                  ("size_mb", "size (MB)", 2), ("latency_ms", "latency (ms / image)", 1))  # fmt: skip
+DIGITS = {"images_per_s": 1}  # evaluate.json numbers not shown with 4 decimals
+
+
+def readme_page(reports: Path, evaluate: dict[str, dict[str, Any]], params: dict[str, Any],
+                run_name: str | None = None) -> tuple[str, dict[str, bytes]]:  # fmt: skip
+    """The markdown of reports/README.md and the PNGs it draws, {path relative to reports: bytes}.
+    `params` maps section names (data, model, train) to their dataclasses."""
+    reports = Path(reports)
+    files: dict[str, bytes] = {}
+    lines = _title(evaluate, params, run_name)
+    lines += _metrics_section(evaluate)
+    lines += _exported_section(reports)
+    lines += _qat_section(reports)
+    lines += _training_section(reports, files)
+    lines += _per_class_section(reports, evaluate)
+    lines += _evaluate_plots_section(reports, list(evaluate))
+    lines += _prepare_section(reports)
+    lines += _params_section(params)
+    return "\n".join(lines), files
+
+
+def _title(evaluate: dict[str, dict[str, Any]], params: dict[str, Any], run_name: str | None) -> list[str]:
+    model = params.get("model")
+    what = f"RTMDet-{model.size} at {model.imgsz} px" if model else "RTMDet"
+    head = [f"# Run report: {what}" + (f", experiment `{run_name}`" if run_name else ""), ""]
+    scores = [f"{split} mAP {fmt(v.get('mAP'))}, mAP50 {fmt(v.get('mAP50'))}"
+              + (f" ({v['num_images']} images)" if v.get("num_images") is not None else "")
+              for split, v in evaluate.items()]  # fmt: skip
+    return head + ["; ".join(scores) + ". Other runs: [experiments.md](experiments.md).", ""]
+
+
+def _note(text: str) -> list[str]:
+    return [f"_{text}_", ""]
+
+
+def _metrics_section(evaluate: dict[str, dict[str, Any]]) -> list[str]:
+    splits = list(evaluate)
+    names = list(dict.fromkeys(k for v in evaluate.values() for k in v if "/" not in k))
+    rows = [[f"`{n}`", MEANING.get(n, ""), *(fmt(evaluate[s].get(n), DIGITS.get(n, 4)) for s in splits)]
+            for n in names]  # fmt: skip
+    return ["## Metrics", "", "COCO bbox metrics of `models/best.pt` (`metrics/evaluate.json`); "
+            "a dash is a number COCO leaves undefined (no boxes of that size).", "",
+            table(["metric", "meaning", *splits], rows, align="ll" + "r" * len(splits)), ""]  # fmt: skip
+
+
+def _exported_section(reports: Path) -> list[str]:
+    data, note = read_optional(reports / VERIFY, "exported-model scores")
+    lines = ["## Exported models", ""]
+    formats = data.get("formats") if isinstance(data, dict) else None
+    if not isinstance(formats, dict) or not formats:
+        return lines + _note(note or f"`{reports / VERIFY}` lists no formats.")
+    rows = [[f"`{name}`", *(fmt(formats[name].get(key), digits) for key, _, digits in FORMAT_COLUMNS)]
+            for name in format_order([n for n in formats if isinstance(formats[n], dict)])]  # fmt: skip
+    split = data.get("split", "valid")
+    return lines + [f"Every format scored on {split} by the same evaluator (`metrics/verify.json`); "
+                    "drop = torch mAP − the format's mAP.", "",
+                    table(["format", *(h for _, h, _ in FORMAT_COLUMNS)], rows, align="l" + "r" * len(FORMAT_COLUMNS)),
+                    ""]  # fmt: skip
+
+
+def _qat_section(reports: Path) -> list[str]:
+    data, note = read_optional(reports / QAT, "quantization-aware training scores")
+    lines = ["## Quantization-aware training", ""]
+    labels = {"float": "float model before QAT", "fake_quant": "after QAT, simulated int8 (fake-quant)"}
+    rows = [[labels.get(k, k), v.get("mAP"), v.get("mAP50")] for k, v in (data or {}).items() if isinstance(v, dict)]
+    if not rows:
+        return lines + _note(note or f"`{reports / QAT}` holds no scores.")
+    return lines + ["`metrics/qat.json`:", "", table(["model", "mAP", "mAP50"], rows, align="lrr"), ""]
+
+
+def _training_section(reports: Path, files: dict[str, bytes]) -> list[str]:
+    lines = ["## Training curves", ""]
+    folder = reports / LIVE_METRICS
+    fig = training_figure(read_live_metrics(folder)) if folder.is_dir() else None
+    if fig is None:
+        return lines + _note(f"No training curves: no dvclive metrics under `{folder}`.")
+    files[TRAINING_PNG.as_posix()] = figure_png(fig)
+    return lines + [image(TRAINING_PNG.as_posix(), "training curves"), ""]
+
+
+def _per_class_section(reports: Path, evaluate: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["## Per class", ""]
+    headers = ["class", "GT boxes", "AP", "AP50", "TP", "FP", "FN", "precision", "recall"]
+    keys = ["num_gt", "AP", "AP50", "tp", "fp", "fn", "precision", "recall"]
+    for split, metrics in evaluate.items():
+        rows, note = read_optional(reports / EVALUATE_DIR / f"per_class_{split}.json", f"per-class table for {split}")
+        lines += [f"### {split}", ""]
+        if isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
+            lines += ["TP, FP, FN, precision and recall at the confusion threshold (IoU 0.50).", "",
+                      table(headers, [[r.get("class"), *(r.get(k) for k in keys)] for r in rows],
+                            align="l" + "r" * len(keys)), ""]  # fmt: skip
+            continue
+        aps = [(k.split("/", 1)[1], v, metrics.get(f"AP50/{k.split('/', 1)[1]}")) for k, v in metrics.items()
+               if k.startswith("AP/")]  # fmt: skip
+        lines += _note(note or "The per-class table is not a list of rows.")
+        if aps:  # evaluate.json still has AP per class
+            lines += [table(["class", "AP", "AP50"], aps, align="lrr"), ""]
+    return lines
+
+
+def _evaluate_plots_section(reports: Path, splits: Sequence[str]) -> list[str]:
+    lines = ["## Evaluation plots", ""]
+    for split in splits:
+        lines += [f"### {split}", ""]
+        for key, caption in EVALUATE_PNGS:
+            rel = EVALUATE_DIR / f"{key}_{split}.png"
+            lines += [f"**{caption}**", "", image(rel.as_posix(), f"{caption}, {split}"), ""] \
+                if (reports / rel).is_file() else _note(f"No {caption.lower()}: `{reports / rel}` does not exist.")
+    return lines
+
+
+def _prepare_section(reports: Path) -> list[str]:
+    lines = ["## Dataset", ""]
+    folder = reports / PREPARE_DIR
+    stats, _ = read_optional(folder / "stats.json", "dataset statistics")
+    pngs = sorted(folder.glob("*.png"), key=lambda p: (list(PREPARE_PNGS).index(p.stem)
+                                                        if p.stem in PREPARE_PNGS else len(PREPARE_PNGS), p.name))
+    if not isinstance(stats, dict) and not pngs:
+        return lines + _note(f"No dataset charts: nothing in `{folder}` (the prepare stage writes them).")
+    splits = stats.get("splits") if isinstance(stats, dict) else None
+    if isinstance(splits, dict):
+        classes = stats.get("classes") or []
+        lines += [f"{len(classes)} classes: {', '.join(map(str, classes))}.", "",
+                  table(["split", "images", "boxes", "images without boxes"],
+                        [[s, v.get("images"), v.get("boxes"), v.get("images_without_boxes")]
+                         for s, v in splits.items() if isinstance(v, dict)], align="lrrr"), ""]  # fmt: skip
+    for png in pngs:
+        caption = PREPARE_PNGS.get(png.stem, png.stem.replace("_", " "))
+        lines += [f"**{caption}**", "", image((PREPARE_DIR / png.name).as_posix(), caption), ""]
+    return lines
+
+
+def _params_section(params: dict[str, Any]) -> list[str]:
+    lines = ["## Params", ""]
+    for section, values in params.items():
+        text = ", ".join(f"{k}={json.dumps(v) if v is None or isinstance(v, (bool, list)) else v}"
+                         for k, v in as_dict(values).items())  # fmt: skip
+        lines.append(f"* **{section}**: {text}")
+    return lines + [""]

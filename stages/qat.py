@@ -1,0 +1,25 @@
+"""DVC stage `qat`: fine-tune models/best.pt under simulated TFLite int8, export the int8 file.
+
+Writes models/qat/qat.pt, models/qat/model_int8_qat.tflite (+ .json sidecar) and
+reports/metrics/qat.json (float and fake-quant mAP on valid, epochs, seconds).
+"""
+
+from pathlib import Path
+
+from rtmdet.cli import run_stage
+from rtmdet.config import load_params
+from rtmdet.data.prepare import load_prepared
+from rtmdet.quantization.stage import run_qat
+from rtmdet.training.distributed import resolve_device
+
+
+def main() -> None:
+    params = load_params(sections=("train", "export", "qat"))
+    qat = params["qat"]
+    dataset = load_prepared(Path("data/prepared"))
+    run_qat(Path("models/best.pt"), dataset, qat, params["train"], params["export"],
+            device=str(resolve_device(qat.device, what="qat.device")))
+
+
+if __name__ == "__main__":
+    run_stage(main)
