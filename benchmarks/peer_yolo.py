@@ -1,12 +1,14 @@
 """RTMDet against Ultralytics YOLO11n, trained from scratch side by side on one COCO dataset.
 
-    python benchmarks/peer_yolo.py --data ROOT [--epochs 100] [--batch 32] [--pairs tiny:320 nano:192]
+    python benchmarks/peer_yolo.py --data ROOT [--epochs 100] [--batch 32] [--pairs tiny:320 nano:192 nano-silu:192]
         [--workers N] [--seed 0] [--out DIR] [--only rtmdet|yolo] [--rtmdet-set train.lr=0.004 ...]
         [--wheels DIR] [--keep-weights]
     python benchmarks/peer_yolo.py --merge A/peer_yolo.json B/peer_yolo.json [--out DIR]
 
 ROOT is a Roboflow COCO export (train/ and valid/ with _annotations.coco.json). For each pair
-SIZE:IMGSZ it trains RTMDet-SIZE (rtmdet.training.train with RTMDET_RECIPE) and YOLO11n (built from
+SIZE[-ACT]:IMGSZ it trains RTMDet-SIZE (rtmdet.training.train with RTMDET_RECIPE; -ACT, e.g. -silu,
+replaces the size's activation: nano-silu is SSCMA's nano with SiLU instead of ReLU6) and, once per
+image size, YOLO11n (built from
 yolo11n.yaml, ultralytics' defaults, per-epoch validation on) at IMGSZ for the same epochs, batch
 and seed, each in its own child process so wall time and peak GPU memory are its own. Then both
 best checkpoints are scored on valid by the same pycocotools code (score_detections) at score
@@ -103,8 +105,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=REPO / ".devdata" / "facemask", help="Roboflow COCO export")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--pairs", nargs="+", type=_pair, default=[("tiny", 320), ("nano", 192)],
-                   help="RTMDet SIZE:IMGSZ pairs, each against YOLO11n at IMGSZ (default: tiny:320 nano:192)")
+    p.add_argument("--pairs", nargs="+", type=_pair, default=[("tiny", 320), ("nano", 192), ("nano-silu", 192)],
+                   help="RTMDet SIZE[-ACT]:IMGSZ pairs, each against YOLO11n at IMGSZ (default: tiny:320 nano:192 nano-silu:192)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "peer_yolo")
@@ -124,11 +126,22 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+ACTIVATIONS = ("silu", "relu", "relu6")  # rtmdet.models.layers.ACTIVATIONS (the parent imports no torch)
+
+
 def _pair(text: str) -> tuple[str, int]:
-    size, _, imgsz = text.partition(":")
-    if not size or not imgsz.isdigit():
-        raise argparse.ArgumentTypeError(f"expected SIZE:IMGSZ such as tiny:320, got {text!r}")
-    return size, int(imgsz)
+    variant, _, imgsz = text.partition(":")
+    size, _, act = variant.partition("-")
+    if not size or not imgsz.isdigit() or (act and act not in ACTIVATIONS):
+        raise argparse.ArgumentTypeError(
+            f"expected SIZE[-ACT]:IMGSZ such as tiny:320 or nano-silu:192 (ACT: {', '.join(ACTIVATIONS)}), got {text!r}")
+    return variant, int(imgsz)
+
+
+def split_variant(variant: str) -> tuple[str, dict[str, str]]:
+    """'nano-silu' -> ('nano', {'act': 'silu'}); 'tiny' -> ('tiny', {})."""
+    size, _, act = variant.partition("-")
+    return size, ({"act": act} if act else {})
 
 
 def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -190,7 +203,7 @@ def install_ultralytics(wheels: Path, target: Path) -> Path:
 def run_one(args: argparse.Namespace, kind: str, size: str, imgsz: int, work: Path, out: Path,
             env: dict[str, str]) -> dict[str, Any]:
     """One (model, size) in a child process; its result dict, or one with 'error' when it failed."""
-    name = f"rtmdet_{size}_{imgsz}" if kind == "rtmdet" else f"yolo11n_{imgsz}"
+    name = f"rtmdet_{size.replace('-', '_')}_{imgsz}" if kind == "rtmdet" else f"yolo11n_{imgsz}"
     spec = {"kind": kind, "size": size, "imgsz": imgsz, "data": str(args.data), "epochs": args.epochs,
             "batch": args.batch, "seed": args.seed, "workers": args.workers, "work": str(work / name),
             "result": str(work / f"{name}.json"), "overrides": args.rtmdet_overrides,
@@ -337,7 +350,8 @@ def train_rtmdet(spec: dict[str, Any]) -> dict[str, Any]:
     over = spec["overrides"]
     train_p = parse_section("train", {**RTMDET_RECIPE, "epochs": spec["epochs"], "batch_size": spec["batch"],
                                       "seed": spec["seed"], "workers": spec["workers"], **over["train"]})
-    model_p = parse_section("model", {"size": spec["size"], "imgsz": spec["imgsz"], **over["model"]})
+    size, variant = split_variant(spec["size"])
+    model_p = parse_section("model", {"size": size, "imgsz": spec["imgsz"], **variant, **over["model"]})
     start = time.perf_counter()
     run = train(DataParams(root=spec["data"]), model_p, train_p, Path(spec["work"]) / "train", progress=False)
     wall = time.perf_counter() - start
@@ -347,7 +361,8 @@ def train_rtmdet(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["keep"]:
         shutil.copy2(run.best, spec["keep"])
     n_train = len(dataset.splits["train"].records)
-    return {"name": f"rtmdet_{spec['size']}_{spec['imgsz']}", "model": f"RTMDet-{spec['size']}",
+    label = f"RTMDet-{size}" + (f" ({variant['act']})" if variant else "")
+    return {"name": f"rtmdet_{spec['size'].replace('-', '_')}_{spec['imgsz']}", "model": label,
             **result, "wall_s": wall, "images_per_s": spec["epochs"] * n_train / wall,
             "peak_mem_gib": mem, "peak_reserved_gib": reserved, "train_images": n_train,
             "best_epoch": run.best_epoch, "train_val_mAP": run.best_mAP,
