@@ -1,8 +1,9 @@
 """TFLite export through onnx2tf (TensorFlow's converter): float32, float16 and int8, offline.
 
 One onnx2tf call converts a copy of the ONNX graph (onnx2tf rewrites its input file) in a
-temporary folder and yields every precision. int8 is full-integer with per-channel weights,
-calibrated on the user's own training images, pre-processed exactly as at inference (BGR,
+temporary folder and yields the float files and a SavedModel; TF's converter quantizes that
+SavedModel (see _convert for why not onnx2tf's own int8). int8 is full-integer with per-channel
+weights, calibrated on the user's own training images, pre-processed exactly as at inference (BGR,
 letterbox with 114, raw 0..255 pixels: normalization is the graph's first op). onnx2tf is
 never given a chance to fetch its sample data. Its output names cannot be trusted (the float
 files come back with names rotated between outputs), so every file is checked against torch
@@ -165,25 +166,24 @@ def _require_onnx2tf():
 
 
 def _convert(onnx2tf, data: bytes, work: Path, calibration: np.ndarray | None, int8: bool, int8_io: str) -> set[str]:
-    """Run onnx2tf on a copy of the graph in `work`; returns the names of the .tflite files written."""
+    """Run onnx2tf on a copy of the graph in `work` (float files and its SavedModel), then, for
+    int8, quantize that SavedModel on `calibration`; returns the names of the .tflite files written.
+
+    Why not onnx2tf's own int8 (-oiqt -cind): it also feeds the calibration array, all n images,
+    to its ONNX Runtime shape-estimation pass, which expects the graph's batch of 1, fails, and is
+    skipped; onnx2tf then guesses layouts and guessed wrong for a nano at 128 px (outputs off by
+    1.8 in fp32 too). Without calibration data that pass runs on its own input and is right.
+    """
     src = work / "model.onnx"
     src.write_bytes(data)
-    kwargs = {}
-    if int8:
-        npy = work / "calibration.npy"
-        np.save(npy, calibration.astype(np.float32))
-        # onnx2tf feeds (x - mean) / std; our graph normalizes itself, so raw pixels pass as they are.
-        ident = (np.zeros((1, 1, 1, 3), np.float32), np.ones((1, 1, 1, 3), np.float32))
-        io_type = "int8" if int8_io == "float" else int8_io  # "float" uses the integer_quant file
-        kwargs = dict(output_integer_quantized_tflite=True, quant_type="per-channel",
-                      custom_input_op_name_np_data_path=[[INPUT_NAME, str(npy), *ident]],
-                      input_quant_dtype=io_type, output_quant_dtype=io_type)
     with _captured_output(work / "onnx2tf.log") as logfile:
         try:
             onnx2tf.convert(input_onnx_file_path=str(src), output_folder_path=str(work / "out"),
                             tflite_backend="tf_converter", copy_onnx_input_output_names_to_tflite=True,
                             not_use_onnxsim=True, verbosity="warn",
-                            onnxruntime_output_memmap_dir=str(work / "ort"), **kwargs)
+                            onnxruntime_output_memmap_dir=str(work / "ort"))
+            if int8:
+                _quantize_int8(work / "out", calibration, int8_io)
         except (Exception, SystemExit) as exc:
             tail = " | ".join(logfile.read_text(errors="replace").strip().splitlines()[-3:])
             raise ExportError(f"onnx2tf failed ({type(exc).__name__}: {exc}); last output: {tail[-400:]}") from None
@@ -192,6 +192,44 @@ def _convert(onnx2tf, data: bytes, work: Path, calibration: np.ndarray | None, i
     for name in files:
         (work / "out" / name).rename(work / name)
     return files
+
+
+def _quantize_int8(saved_model: Path, calibration: np.ndarray, int8_io: str) -> None:
+    """TF's converter on onnx2tf's SavedModel, as onnx2tf's -oiqt does it (per-channel int8 weights,
+    int8 activations calibrated on one image at a time), writing its two files: float I/O
+    (model_integer_quant) and integer I/O (model_full_integer_quant, int8 or uint8)."""
+    import tensorflow as tf
+
+    def representative():
+        for image in calibration:
+            yield [tf.convert_to_tensor(image[None].astype(np.float32))]
+
+    io = {"float": tf.int8, "int8": tf.int8, "uint8": tf.uint8}[int8_io]
+    for name, io_type in (("model_integer_quant", None), ("model_full_integer_quant", io)):
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.SELECT_TF_OPS]
+        converter.representative_dataset = representative
+        if io_type is not None:
+            converter.inference_input_type = io_type
+            converter.inference_output_type = io_type
+        (saved_model / f"{name}.tflite").write_bytes(_rename_input(converter.convert(), INPUT_NAME))
+
+
+def _rename_input(data: bytes, name: str) -> bytes:
+    """The converter names the input after the SavedModel's signature (serving_default_images:0);
+    give it the ONNX input's name, as onnx2tf does for its own files."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    graph = model.subgraphs[0]
+    (index,) = graph.inputs
+    graph.tensors[index].name = name.encode()
+    for sig in model.signatureDefs or []:
+        for m in sig.inputs or []:
+            if m.tensorIndex == index:
+                m.name = name.encode()
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 @contextlib.contextmanager

@@ -91,8 +91,12 @@ def match_scales(model: QATDetector, tflite: str | Path | bytes, image_nhwc: np.
     named = dict(quantizers(model))
     matches = []
     for name, act in _activations(model, image_nhwc).items():
-        best = max(((_layout_corr(act, v), t, s, z) for t, s, z, v in tensors if v.size == act.size),
-                   default=None, key=lambda r: r[0])
+        # Tensors that are linear maps of each other (the input and its x/255) correlate equally:
+        # among near-ties, the one whose value range is closest to ours holds our values.
+        span = float(act.max() - act.min()) or 1.0
+        best = max(((_layout_corr(act, v), t, s, z, float(v.max() - v.min()) or 1.0)
+                    for t, s, z, v in tensors if v.size == act.size),
+                   default=None, key=lambda r: (round(r[0], 4), -abs(np.log(r[4] / span))))
         if best is None:
             continue
         scale, zp = named[name].scale_zero_point()
