@@ -157,6 +157,10 @@ def _check_images(model: "RTMDet", calibration: np.ndarray | None) -> np.ndarray
 
 
 def _require_onnx2tf():
+    # Importing TensorFlow (onnx2tf does) before torch._dynamo, which torchvision.ops imports and
+    # which probes triton, segfaults the process (TF 2.x beside torch 2.14's triton 3.8, measured
+    # here: `import tensorflow; import triton`). The other order is fine.
+    import torchvision.ops  # noqa: F401
     try:
         import onnx2tf
     except ImportError:
@@ -196,24 +200,22 @@ def _convert(onnx2tf, data: bytes, work: Path, calibration: np.ndarray | None, i
 
 def _quantize_int8(saved_model: Path, calibration: np.ndarray, int8_io: str) -> None:
     """TF's converter on onnx2tf's SavedModel, as onnx2tf's -oiqt does it (per-channel int8 weights,
-    int8 activations calibrated on one image at a time), writing its two files: float I/O
-    (model_integer_quant) and integer I/O (model_full_integer_quant, int8 or uint8)."""
+    int8 activations calibrated on one image at a time), writing the file of onnx2tf's name for
+    `int8_io`: float I/O (model_integer_quant) or int8/uint8 I/O (model_full_integer_quant)."""
     import tensorflow as tf
 
     def representative():
         for image in calibration:
             yield [tf.convert_to_tensor(image[None].astype(np.float32))]
 
-    io = {"float": tf.int8, "int8": tf.int8, "uint8": tf.uint8}[int8_io]
-    for name, io_type in (("model_integer_quant", None), ("model_full_integer_quant", io)):
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.SELECT_TF_OPS]
-        converter.representative_dataset = representative
-        if io_type is not None:
-            converter.inference_input_type = io_type
-            converter.inference_output_type = io_type
-        (saved_model / f"{name}.tflite").write_bytes(_rename_input(converter.convert(), INPUT_NAME))
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.SELECT_TF_OPS]
+    converter.representative_dataset = representative
+    if int8_io != "float":
+        converter.inference_input_type = converter.inference_output_type = getattr(tf, int8_io)
+    name = _ONNX2TF_FILES[("int8", int8_io)]
+    (saved_model / f"{name}.tflite").write_bytes(_rename_input(converter.convert(), INPUT_NAME))
 
 
 def _rename_input(data: bytes, name: str) -> bytes:
