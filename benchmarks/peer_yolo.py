@@ -131,8 +131,8 @@ ACTIVATIONS = ("silu", "relu", "relu6")  # rtmdet.models.layers.ACTIVATIONS (the
 
 def _pair(text: str) -> tuple[str, int]:
     variant, _, imgsz = text.partition(":")
-    size, _, act = variant.partition("-")
-    if not size or not imgsz.isdigit() or (act and act not in ACTIVATIONS):
+    size, knobs = split_variant(variant)
+    if not size or not imgsz.isdigit() or knobs.get("act", "silu") not in ACTIVATIONS:
         raise argparse.ArgumentTypeError(
             f"expected SIZE[-ACT]:IMGSZ such as tiny:320 or nano-silu:192 (ACT: {', '.join(ACTIVATIONS)}), got {text!r}")
     return variant, int(imgsz)
@@ -142,6 +142,11 @@ def split_variant(variant: str) -> tuple[str, dict[str, str]]:
     """'nano-silu' -> ('nano', {'act': 'silu'}); 'tiny' -> ('tiny', {})."""
     size, _, act = variant.partition("-")
     return size, ({"act": act} if act else {})
+
+
+def rtmdet_run_name(variant: str, imgsz: int) -> str:
+    """'nano-silu', 192 -> 'rtmdet_nano_silu_192' (work folder, result file and table row)."""
+    return f"rtmdet_{variant.replace('-', '_')}_{imgsz}"
 
 
 def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -203,7 +208,7 @@ def install_ultralytics(wheels: Path, target: Path) -> Path:
 def run_one(args: argparse.Namespace, kind: str, size: str, imgsz: int, work: Path, out: Path,
             env: dict[str, str]) -> dict[str, Any]:
     """One (model, size) in a child process; its result dict, or one with 'error' when it failed."""
-    name = f"rtmdet_{size.replace('-', '_')}_{imgsz}" if kind == "rtmdet" else f"yolo11n_{imgsz}"
+    name = rtmdet_run_name(size, imgsz) if kind == "rtmdet" else f"yolo11n_{imgsz}"
     spec = {"kind": kind, "size": size, "imgsz": imgsz, "data": str(args.data), "epochs": args.epochs,
             "batch": args.batch, "seed": args.seed, "workers": args.workers, "work": str(work / name),
             "result": str(work / f"{name}.json"), "overrides": args.rtmdet_overrides,
@@ -362,7 +367,7 @@ def train_rtmdet(spec: dict[str, Any]) -> dict[str, Any]:
         shutil.copy2(run.best, spec["keep"])
     n_train = len(dataset.splits["train"].records)
     label = f"RTMDet-{size}" + (f" ({variant['act']})" if variant else "")
-    return {"name": f"rtmdet_{spec['size'].replace('-', '_')}_{spec['imgsz']}", "model": label,
+    return {"name": rtmdet_run_name(spec["size"], spec["imgsz"]), "model": label,
             **result, "wall_s": wall, "images_per_s": spec["epochs"] * n_train / wall,
             "peak_mem_gib": mem, "peak_reserved_gib": reserved, "train_images": n_train,
             "best_epoch": run.best_epoch, "train_val_mAP": run.best_mAP,

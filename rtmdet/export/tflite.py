@@ -215,23 +215,7 @@ def _quantize_int8(saved_model: Path, calibration: np.ndarray, int8_io: str) -> 
     if int8_io != "float":
         converter.inference_input_type = converter.inference_output_type = getattr(tf, int8_io)
     name = _ONNX2TF_FILES[("int8", int8_io)]
-    (saved_model / f"{name}.tflite").write_bytes(_rename_input(converter.convert(), INPUT_NAME))
-
-
-def _rename_input(data: bytes, name: str) -> bytes:
-    """The converter names the input after the SavedModel's signature (serving_default_images:0);
-    give it the ONNX input's name, as onnx2tf does for its own files."""
-    from tensorflow.lite.tools import flatbuffer_utils
-
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
-    graph = model.subgraphs[0]
-    (index,) = graph.inputs
-    graph.tensors[index].name = name.encode()
-    for sig in model.signatureDefs or []:
-        for m in sig.inputs or []:
-            if m.tensorIndex == index:
-                m.name = name.encode()
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    (saved_model / f"{name}.tflite").write_bytes(converter.convert())
 
 
 @contextlib.contextmanager
@@ -274,7 +258,7 @@ def fix_outputs(data: bytes, model: "RTMDet", images_nhwc: np.ndarray,
     runner = TFLiteRunner(data, threads=2)
     tensor_of = {d["name"]: d["index"] for d in runner.outputs.values()}
     mapping = match_outputs(_run_all(runner, images_nhwc), ref)
-    fixed = rename_outputs(data, {tensor_of[theirs]: ours for ours, theirs in mapping.items()}, list(ref))
+    fixed = rename_io(data, {tensor_of[theirs]: ours for ours, theirs in mapping.items()}, list(ref))
     again = _run_all(TFLiteRunner(fixed, threads=2), images_nhwc)
     diffs = {name: float(np.abs(again[name] - r).max()) for name, r in ref.items()}
     for name, r in ref.items():
@@ -322,13 +306,16 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
-def rename_outputs(data: bytes, names: dict[int, str], order: list[str]) -> bytes:
-    """Rewrite the flatbuffer: output tensors get our names, the signature our keys and order."""
+def rename_io(data: bytes, names: dict[int, str], order: list[str]) -> bytes:
+    """Rewrite the flatbuffer: output tensors get our names, the signature our keys and order;
+    the input gets the ONNX input's name (TF's converter names it serving_default_images:0)."""
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
     graph = model.subgraphs[0]
+    (input_index,) = graph.inputs
+    graph.tensors[input_index].name = INPUT_NAME.encode()
     for index, name in names.items():
         graph.tensors[index].name = name.encode()
     index_of = {name: index for index, name in names.items()}
@@ -341,6 +328,9 @@ def rename_outputs(data: bytes, names: dict[int, str], order: list[str]) -> byte
                 m.name, m.tensorIndex = name.encode(), index_of[name]
                 maps.append(m)
             sig.outputs = maps
+            for m in sig.inputs or []:
+                if m.tensorIndex == input_index:
+                    m.name = INPUT_NAME.encode()
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
