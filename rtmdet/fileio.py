@@ -12,6 +12,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from rtmdet.failpoints import kill_point
+
 
 def write_atomic(path: Path, data: bytes | str | Callable[[BinaryIO], None]) -> None:
     """Write bytes, text, or whatever a writer callback writes, to a temporary file beside
@@ -23,8 +25,13 @@ def write_atomic(path: Path, data: bytes | str | Callable[[BinaryIO], None]) -> 
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
+                kill_point(f"write:{path.name}")
             else:
-                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                raw = data.encode("utf-8") if isinstance(data, str) else data
+                f.write(raw[: len(raw) // 2])
+                f.flush()
+                kill_point(f"write:{path.name}")  # a kill here leaves half a temporary file
+                f.write(raw[len(raw) // 2 :])
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the usual permissions
@@ -32,6 +39,19 @@ def write_atomic(path: Path, data: bytes | str | Callable[[BinaryIO], None]) -> 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files a killed write_atomic left in `folder`; returns how many.
+
+    Call it where one process owns the folder (a stage's output folder at its start): a
+    preempted run that resumes again and again would otherwise pile up half-written copies."""
+    removed = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def umask() -> int:

@@ -12,6 +12,7 @@ from rtmdet.config import load_params
 from rtmdet.data.prepare import load_prepared
 from rtmdet.errors import ConfigError
 from rtmdet.export.command import export_checkpoint
+from rtmdet.failpoints import kill_point
 
 FORMATS = ("onnx", "tflite_fp32", "tflite_fp16", "tflite_int8")
 OUT = Path("models/export")
@@ -29,6 +30,7 @@ def main() -> None:
     weights = Path("models/best.pt")
     if "onnx" in formats:
         export_checkpoint(weights, "onnx", out=OUT)
+        kill_point("export:file")
     precisions = [f.removeprefix("tflite_") for f in formats if f.startswith("tflite_")]
     if precisions:
         dataset = load_prepared(Path("data/prepared")) if "int8" in precisions else None

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,9 +26,28 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _two_threads():
-    # The references were computed with 2 intra-op threads; CPU conv results depend on it.
-    torch.set_num_threads(2)
+def _threads():
+    # 2 intra-op threads (CI's cores) unless OMP_NUM_THREADS says otherwise: the suite must pass
+    # at any count, so no comparison below relies on one thread count's rounding.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
+
+
+def rel_diff(ours, ref) -> float:
+    """max |ours - ref| / max |ref| over one tensor (CONVENTIONS.md, "Numbers against references").
+
+    Element-wise relative errors blow up near zero; this one measures a difference against the
+    tensor's own scale, which is what another CPU's rounding moves."""
+    a = np.asarray(ours.detach().cpu().double() if isinstance(ours, torch.Tensor) else ours, np.float64)
+    b = np.asarray(ref.detach().cpu().double() if isinstance(ref, torch.Tensor) else ref, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    scale = np.abs(b).max() if b.size else 0.0
+    return float(np.abs(a - b).max() / scale) if scale > 0 else float(np.abs(a - b).max(initial=0.0))
+
+
+def max_rel_diff(ours: Sequence, ref: Sequence) -> float:
+    """The largest per-tensor rel_diff over paired lists of tensors (one per level)."""
+    assert len(ours) == len(ref)
+    return max(rel_diff(a, b) for a, b in zip(ours, ref))
 
 
 @pytest.fixture(scope="session")

@@ -22,15 +22,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_detector_checkpoint
+from conftest import max_rel_diff, random_detector_checkpoint
 from rtmdet.errors import RTMDetError
 
 SIZE = 64
 CLASSES = ("cat", "dog")
-# Per format: max abs diff of scores (after sigmoid) and of box distances (pixels) vs torch.
-# int8 at 64 px with 5 calibration images: one quantization step of a stride-32 distance is
-# ~1 px and errors add up over the network; the verify stage judges int8 by mAP instead.
-TOLERANCE = {"onnx": (1e-5, 1e-3), "fp32": (1e-5, 1e-3), "fp16": (5e-3, 0.25), "int8": (0.06, 4.0)}
+# Per format, per tensor: max |ours - torch| / max |torch| of the scores (after sigmoid) and of the
+# box distances. Measured here: ONNX 1.3e-6 / 1.1e-6 and TFLite fp32 2.5e-6 / 2.6e-6 (another
+# runtime's float32 kernels: 1e-4 leaves 40x for another CPU, and a wrong op is far above it);
+# fp16 1.7e-3 / 2.0e-3 (10-bit mantissas through the network: 1e-2); int8 0.066 / 0.031 at 64 px
+# with 5 calibration images (one quantization step of an output is ~1/60 of its range and steps
+# add up over the network; another CPU's int8 kernels can round one step differently: 0.15 / 0.08;
+# the verify stage judges int8 by mAP instead).
+TOLERANCE = {"onnx": (1e-4, 1e-4), "fp32": (1e-4, 1e-4), "fp16": (1e-2, 1e-2), "int8": (0.15, 0.08)}
 
 GUARD = r'''
 import json, sys
@@ -142,14 +146,18 @@ def inputs() -> torch.Tensor:
 
 
 def _max_diffs(backend, ref_backend, images: torch.Tensor) -> tuple[float, float]:
+    """Per level, max |ours - torch| / max |torch| of the scores (after sigmoid) and of the box
+    distances; the largest over levels."""
     (cls, reg), (cls0, reg0) = backend(images), ref_backend(images)
-    score = max(float((a.sigmoid() - b.sigmoid()).abs().max()) for a, b in zip(cls, cls0))
-    box = max(float((a - b).abs().max()) for a, b in zip(reg, reg0))
+    score = max_rel_diff([c.sigmoid() for c in cls], [c.sigmoid() for c in cls0])
+    box = max_rel_diff(reg, reg0)
     return score, box
 
 
 def _assert_same_detections(det, ref, box_tol: float, score_tol: float) -> None:
-    """Each confident torch detection has a twin: same class, box within box_tol px, score within score_tol."""
+    """Each confident torch detection has a twin: same class, box within box_tol of the image's
+    longer side, score within score_tol (scores are at most 1: absolute is relative)."""
+    box_tol = box_tol * max(ref.image_hw)
     keep = ref.scores >= 0.3
     assert keep.sum() > 0, "the test model should make confident detections"
     for box, score, label in zip(ref.boxes[keep], ref.scores[keep], ref.labels[keep]):
@@ -191,7 +199,7 @@ def test_onnx_detections_match_torch(onnx_file, torch_detector, dataset):
     detector = detector_from_export(onnx_file, score_thr=0.05)
     assert detector.class_names == list(CLASSES) and detector.image_size == SIZE
     for image in sorted((dataset / "valid").glob("*.jpg")):
-        _assert_same_detections(detector(image), torch_detector(image), 1e-3, 1e-5)
+        _assert_same_detections(detector(image), torch_detector(image), *TOLERANCE["onnx"][::-1])
 
 
 def test_onnx_layout_sidecar_and_deterministic_bytes(onnx_file, weights, tmp_path):
@@ -349,8 +357,7 @@ def test_tflite_detections_match_torch(tflite_files, torch_detector, dataset, pr
     detector = detector_from_export(tflite_files[precision], score_thr=0.05)
     score_tol, box_tol = TOLERANCE[precision]
     for image in sorted((dataset / "valid").glob("*.jpg")):
-        # boxes are in original-image pixels: up to 1.6x the 64 px canvas here
-        _assert_same_detections(detector(image), torch_detector(image), 1.6 * box_tol, score_tol)
+        _assert_same_detections(detector(image), torch_detector(image), box_tol, score_tol)
 
 
 @pytest.mark.slow
@@ -391,7 +398,7 @@ def test_int8_with_uint8_io_takes_raw_pixels(tflite_files, weights, dataset, tmp
     assert score <= TOLERANCE["int8"][0] and box <= TOLERANCE["int8"][1], (score, box)
     # same quantized network as the float-I/O file: only the I/O conversion differs
     s, b = _max_diffs(backend, TFLiteBackend(tflite_files["int8"]), inputs)
-    assert s <= 1e-3 and b <= 0.05
+    assert s <= 1e-3 and b <= 1e-3  # measured 0 and 0: the same int8 arithmetic inside
 
 
 # The verify stage's logic over the files exported above.

@@ -10,6 +10,8 @@ import torch
 from rtmdet.errors import ConfigError
 from rtmdet.models import SIZES, build_model
 
+from conftest import max_rel_diff
+
 
 @pytest.mark.parametrize("size", ["tiny", "s", "m", "l", "x"])
 def test_state_dict_matches_manifest(refs, size):
@@ -39,8 +41,10 @@ def test_shared_head_convs_are_one_module():
     assert head.cls_convs[1][0].bn is not head.cls_convs[0][0].bn
 
 
-def _relative_error(ours, ref):
-    return max(((a - b).abs() / b.abs().clamp(min=1.0)).max().item() for a, b in zip(ours, ref))
+# Per tensor, max|ours - ref| / max|ref|. The refs README measured up to 1.4e-5 between two CPUs
+# (AVX2 vs AVX-512) and 1.7e-5 between 1 and 2 threads, and says to compare within about 1e-4;
+# a real error (a wrong BN epsilon, a swapped channel) moves these by 1e-3 or far more.
+PARITY_TOL = 1e-4
 
 
 @pytest.mark.parametrize("name,size,num_classes", [("tiny", "tiny", 80), ("nano", "nano", 3)])
@@ -57,11 +61,11 @@ def test_parity_with_mmdetection(refs, name, size, num_classes):
         model.bbox_head.exp_on_reg = True
         _, bbox_exp = model.bbox_head(neck)
     assert [f.shape for f in feats] == [r.shape for r in ref["backbone_outs"]]
-    assert _relative_error(feats, ref["backbone_outs"]) < 1e-4
-    assert _relative_error(neck, ref["neck_outs"]) < 1e-4
-    assert _relative_error(cls_scores, ref["cls_scores"]) < 1e-4
-    assert _relative_error(bbox_preds, ref["bbox_preds"]) < 1e-4
-    assert _relative_error(bbox_exp, ref["bbox_preds_exp_on_reg"]) < 1e-4
+    assert max_rel_diff(feats, ref["backbone_outs"]) < PARITY_TOL
+    assert max_rel_diff(neck, ref["neck_outs"]) < PARITY_TOL
+    assert max_rel_diff(cls_scores, ref["cls_scores"]) < PARITY_TOL
+    assert max_rel_diff(bbox_preds, ref["bbox_preds"]) < PARITY_TOL
+    assert max_rel_diff(bbox_exp, ref["bbox_preds_exp_on_reg"]) < PARITY_TOL
 
 
 def test_forward_shapes_and_units():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from rtmdet.data.coco import load_dataset
-from rtmdet.data.prepare import load_prepared, plot_stats, prepare
+from rtmdet.data.prepare import load_prepared, plot_stats, prepare, stored_img_dir
+from rtmdet.data.synthetic import make_synthetic_dataset
 from rtmdet.errors import DataError
 
 
@@ -44,3 +45,36 @@ def test_class_count_mismatch_and_tiny_box_advice(facemask, tmp_path, caplog):
 def test_missing_prepared_folder_says_what_to_run(tmp_path):
     with pytest.raises(DataError, match=r"dataset.json: prepared dataset not found; run the prepare stage"):
         load_prepared(tmp_path)
+
+
+def _same_records(a, b) -> bool:
+    return [(r.image_id, r.file) for r in a.records] == [(r.image_id, r.file) for r in b.records]
+
+
+def test_a_linked_dataset_gives_the_same_paths_everywhere(tmp_path, monkeypatch):
+    # Users symlink data folders: through the link, the real folder, or the prepared copy, every
+    # record names the same (resolved) file, so comparisons and duplicate checks agree.
+    real = make_synthetic_dataset(tmp_path / "real" / "shapes", seed=1, train=6, valid=3)
+    (tmp_path / "linked").symlink_to(tmp_path / "real", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    via_link = load_dataset(tmp_path / "linked" / "shapes")
+    direct = load_dataset(real)
+    prepare(via_link, tmp_path / "prepared", imgsz=64)
+    again = load_prepared(tmp_path / "prepared")
+    for name in ("train", "valid"):
+        assert _same_records(via_link.splits[name], direct.splits[name])
+        assert _same_records(via_link.splits[name], again.splits[name])
+        assert via_link.splits[name].img_dir == real.resolve() / name
+    index = json.loads((tmp_path / "prepared" / "dataset.json").read_text())
+    assert index["splits"]["train"]["img_dir"] == "../real/shapes/train"  # inside the project: relative
+
+
+def test_stored_image_folder_is_relative_inside_the_project_and_absolute_outside(tmp_path, monkeypatch):
+    project, outside = tmp_path / "project", tmp_path / "elsewhere" / "train"
+    (project / "data" / "synthetic" / "train").mkdir(parents=True)
+    outside.mkdir(parents=True)
+    monkeypatch.chdir(project)
+    prepared = project / "data" / "prepared"
+    assert stored_img_dir(project / "data" / "synthetic" / "train", prepared) == "../synthetic/train"
+    # An experiment runs in a temporary copy of the project: a relative path out of it would break.
+    assert stored_img_dir(outside, prepared) == str(outside.resolve())

@@ -9,6 +9,11 @@ Layouts:
 Classes are the categories that have at least one box (crowd or not) in any split, as
 contiguous labels in category-id order. Which categories count as used is decided from the
 JSON alone, so the class list never depends on which image files happen to be readable.
+
+Paths: a split's annotation file and image folder are recorded resolved (symbolic links
+followed, `Path.resolve()`), and image paths are that folder joined with the JSON's file name.
+One dataset reached through a linked folder and through its real path gives the same records,
+the same duplicate-file checks and the same prepared copy.
 """
 
 from __future__ import annotations
@@ -203,7 +208,7 @@ def _build_split(name: str, coco: CocoFile, img_dir: Path, label_of: dict[int, i
         raise DataError(f'{img_dir}: image folder of the "{name}" split not found')
     if not coco.images:
         raise DataError(f'{coco.path}: empty split "{name}": the file lists no images')
-    base = img_dir.absolute()
+    base = img_dir.resolve()  # the path rule of this module's docstring
     paths = [_image_path(base, image.file_name, check_images) for image in coco.images]
     _check_unique_files(coco, paths)
     probes = probe_images(paths, desc=f"checking {name} images") if check_images else [None] * len(paths)
@@ -221,7 +226,7 @@ def _build_split(name: str, coco: CocoFile, img_dir: Path, label_of: dict[int, i
     if not records:
         reasons = ", ".join(f"{r}: {c}" for r, c in tally.counts.items())
         raise DataError(f'{coco.path}: empty split "{name}": no usable image ({reasons})')
-    return DetectionSplit(name, coco.path.absolute(), base, records, tally.counts)
+    return DetectionSplit(name, coco.path.resolve(), base, records, tally.counts)
 
 
 def _image_path(base: Path, file_name: str, look: bool) -> Path:

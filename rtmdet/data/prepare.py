@@ -60,6 +60,16 @@ def box_size_stats(split: DetectionSplit, imgsz: int) -> dict[str, int]:
     return counts
 
 
+def stored_img_dir(img_dir: Path, out_dir: Path) -> str:
+    """How dataset.json records an image folder: relative to the prepared folder when both are
+    inside the working directory (the DVC project, which a clone or an experiment's temporary
+    copy moves as a whole), else absolute. Both are resolved first, as load_dataset does."""
+    img_dir, out_dir, project = Path(img_dir).resolve(), Path(out_dir).resolve(), Path.cwd().resolve()
+    if img_dir.is_relative_to(project) and out_dir.is_relative_to(project):
+        return os.path.relpath(img_dir, out_dir)
+    return str(img_dir)
+
+
 def prepare(dataset: DetectionDataset, out_dir: Path, imgsz: int, num_classes: int | None = None) -> dict[str, Any]:
     """Write out_dir/dataset.json + annotations/<split>.json and return the statistics dict."""
     if num_classes is not None and num_classes != len(dataset.classes):
@@ -69,7 +79,7 @@ def prepare(dataset: DetectionDataset, out_dir: Path, imgsz: int, num_classes: i
     for name, split in dataset.splits.items():
         ann = out_dir / "annotations" / f"{name}.json"
         write_json_atomic(ann, split_to_coco(split, dataset))
-        splits[name] = {"ann_file": f"annotations/{name}.json", "img_dir": os.path.relpath(split.img_dir, out_dir),
+        splits[name] = {"ann_file": f"annotations/{name}.json", "img_dir": stored_img_dir(split.img_dir, out_dir),
                         "source_ann_file": str(split.ann_file)}
     stats = summarize(dataset)
     for name, split in dataset.splits.items():
@@ -95,6 +105,7 @@ def load_prepared(prepared_dir: Path, check_images: bool = False) -> DetectionDa
     if not index_file.is_file():
         raise DataError(f"{index_file}: prepared dataset not found; run the prepare stage first (dvc repro prepare)")
     index = json.loads(index_file.read_text())
+    prepared_dir = Path(prepared_dir).resolve()
     splits = {name: (prepared_dir / s["ann_file"], (prepared_dir / s["img_dir"]).resolve())
               for name, s in index["splits"].items()}
     dataset = load_dataset(splits=splits, check_images=check_images)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import ModuleType
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from rtmdet.export import ExportError
-from rtmdet.export.sidecar import ExportMeta, read_meta
+from rtmdet.export.sidecar import ExportMeta, meta_path, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,12 @@ class OnnxRuntimeBackend:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        if self.meta.input_name not in inputs:
-            raise ExportError(f"{path}: no input named {self.meta.input_name!r} (has {', '.join(inputs)})")
-        batch = inputs[self.meta.input_name].shape[0]
+        self.session = _onnx_session(ort, self.path, opts, list(providers or ["CPUExecutionProvider"]))
+        inputs = {i.name: i.shape for i in self.session.get_inputs()}
+        check_contract(self.path, self.meta, "onnx", inputs, {o.name: o.shape for o in self.session.get_outputs()})
+        batch = inputs[self.meta.input_name][0]
         self.static_batch = batch if isinstance(batch, int) else None
         self.output_names = [*self.meta.cls_outputs, *self.meta.reg_outputs]
-        _check_names(path, self.output_names, [o.name for o in self.session.get_outputs()])
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """[N, 3, S, S] float pixels -> raw outputs by name (static-batch files run in chunks)."""
@@ -76,26 +75,85 @@ class OnnxRuntimeBackend:
         return to_level_maps(self.run(x), self.meta)
 
 
-def make_interpreter(model: str | Path | bytes, threads: int = 2):
-    """A LiteRT interpreter (ai-edge-litert, else TensorFlow's), tensors allocated."""
+def _onnx_session(ort, path: Path, opts, providers: list[str]):
+    """An InferenceSession, or one line naming the file when ONNX Runtime cannot load it."""
+    if path.stat().st_size == 0:
+        raise _unreadable(path, "ONNX", "empty file, 0 bytes")
     try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as exc:  # ORT's pybind errors (InvalidProtobuf, Fail, ...) share no narrower base
+        raise _unreadable(path, "ONNX", f"truncated or corrupt: {_runtime_reason(exc)}") from None
+
+
+def _unreadable(where: str | Path, fmt: str, reason: str) -> ExportError:
+    return ExportError(f"{where}: not a readable {fmt} model ({reason})")
+
+
+def _runtime_reason(exc: BaseException) -> str:
+    """A runtime's message cut to one short line: ORT repeats the path and adds C++ locations."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0].rsplit("failed:", 1)[-1].strip() if lines else ""
+    return (text.rstrip(".") or type(exc).__name__)[:120]
+
+
+def _tflite_modules():
+    """(Interpreter, schema module) of ai-edge-litert, else of TensorFlow."""
+    try:
+        from ai_edge_litert import schema_py_generated as schema
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         try:
+            from tensorflow.lite.python import schema_py_generated as schema
             from tensorflow.lite.python.interpreter import Interpreter
         except ImportError:
             raise ExportError(f"no TFLite runtime is installed; install one with: {RUNTIME_INSTALL}") from None
-    kwargs = {"model_content": bytes(model)} if isinstance(model, (bytes, bytearray)) else {"model_path": str(model)}
-    interp = Interpreter(num_threads=threads, **kwargs)
-    interp.allocate_tensors()
+    return Interpreter, schema
+
+
+def check_tflite_bytes(data: bytes, where: str | Path, schema: ModuleType) -> None:
+    """Parse the whole flatbuffer in Python before an interpreter sees it: LiteRT does not verify
+    a model, and a truncated file crashes the process (segfault) instead of raising."""
+    if not data:
+        raise _unreadable(where, "TFLite", "empty file, 0 bytes")
+    if data[4:8] != b"TFL3":  # the file identifier every TFLite flatbuffer carries
+        raise _unreadable(where, "TFLite", f"no TFLite file identifier; starts with {bytes(data[:8])!r}")
+    try:
+        model = schema.ModelT.InitFromPackedBuf(data, 0)  # reads every table, vector and buffer
+    except Exception as exc:  # out-of-range reads surface as struct.error, IndexError, ValueError
+        raise _unreadable(where, "TFLite", f"truncated or corrupt: its {len(data)} bytes do not hold "
+                                           "the model its tables describe") from None
+    # Buffers of models over 2 GB live after the flatbuffer, addressed by offset and size.
+    if any(b.offset > 1 and b.offset + b.size > len(data) for b in model.buffers or []):
+        raise _unreadable(where, "TFLite", f"truncated: a weight buffer lies past its {len(data)} bytes")
+
+
+def make_interpreter(model: str | Path | bytes, threads: int = 2):
+    """A LiteRT interpreter (ai-edge-litert, else TensorFlow's), tensors allocated; one-line
+    ExportError for a file that is not a complete TFLite model."""
+    Interpreter, schema = _tflite_modules()
+    in_memory = isinstance(model, (bytes, bytearray))
+    where = "in-memory TFLite model" if in_memory else str(model)
+    try:
+        data = bytes(model) if in_memory else Path(model).read_bytes()
+    except OSError as exc:
+        raise ExportError(f"{model}: cannot read the TFLite model ({exc.strerror or exc})") from None
+    check_tflite_bytes(data, where, schema)
+    try:
+        # The path, not the bytes just read: the interpreter maps the file instead of copying it.
+        interp = Interpreter(num_threads=threads, **({"model_content": data} if in_memory else {"model_path": where}))
+        interp.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise _unreadable(where, "TFLite", f"the runtime rejects it: {_runtime_reason(exc)}") from None
     return interp
 
 
 class TFLiteRunner:
     """One TFLite model: float NHWC pixels in, dequantized float outputs by tensor name out."""
 
-    def __init__(self, model: str | Path | bytes, input_name: str | None = None, threads: int = 2):
-        self.interp = make_interpreter(model, threads)
+    def __init__(self, model: str | Path | bytes | None, input_name: str | None = None, threads: int = 2, *,
+                 interpreter=None):
+        """model: a file or its bytes; or None with `interpreter`, one made by make_interpreter."""
+        self.interp = interpreter if interpreter is not None else make_interpreter(model, threads)
         inputs = self.interp.get_input_details()
         matching = [d for d in inputs if input_name is None or d["name"] == input_name]
         if len(matching) != 1:
@@ -136,8 +194,11 @@ class TFLiteBackend:
         self.path = Path(path)
         self.meta = meta or read_meta(path)
         self.strides = tuple(self.meta.strides)
-        self.runner = TFLiteRunner(path, self.meta.input_name, threads)
-        _check_names(path, [*self.meta.cls_outputs, *self.meta.reg_outputs], list(self.runner.outputs))
+        interp = make_interpreter(self.path, threads)
+        inputs = {d["name"]: d["shape"] for d in interp.get_input_details()}
+        check_contract(self.path, self.meta, "tflite", inputs,
+                       {d["name"]: d["shape"] for d in interp.get_output_details()})
+        self.runner = TFLiteRunner(None, self.meta.input_name, interpreter=interp)
 
     def __call__(self, images_uint8: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         nhwc = images_uint8.cpu().permute(0, 2, 3, 1).numpy().astype(np.float32)
@@ -146,11 +207,46 @@ class TFLiteBackend:
         return to_level_maps(outs, self.meta)
 
 
-def _check_names(path: str | Path, wanted: list[str], present: list[str]) -> None:
-    missing = [n for n in wanted if n not in present]
+def check_contract(path: Path, meta: ExportMeta, fmt: str, inputs: dict[str, Sequence],
+                   outputs: dict[str, Sequence]) -> None:
+    """The sidecar against the model beside it (input and output names and shapes by name):
+    a sidecar of another export fails here in one line, not later as wrong boxes."""
+    problem = _contract_problem(meta, fmt, inputs, outputs)
+    if problem:
+        raise ExportError(f"{meta_path(path)}: does not match {path.name}: {problem}")
+
+
+def _contract_problem(meta: ExportMeta, fmt: str, inputs: dict[str, Sequence],
+                      outputs: dict[str, Sequence]) -> str | None:
+    if meta.format != fmt:
+        return f"its format is {meta.format!r}, not {fmt!r}"
+    if meta.input_name not in inputs:
+        return f"the model has no input named {meta.input_name!r} (it has {', '.join(inputs)})"
+    missing = [n for n in (*meta.cls_outputs, *meta.reg_outputs) if n not in outputs]
     if missing:
-        raise ExportError(f"{path}: outputs {', '.join(missing)} named in the sidecar are not in the model "
-                          f"(it has {', '.join(present)})")
+        return f"outputs {', '.join(missing)} named in the sidecar are not in the model (it has {', '.join(outputs)})"
+    input_dims = _dims(inputs[meta.input_name])
+    side = input_dims[2:4] if fmt == "onnx" else input_dims[1:3]  # ONNX takes NCHW, TFLite NHWC
+    if any(d is not None and d != meta.image_size for d in side):
+        return f"image size {meta.image_size} in the sidecar, but the model takes {'x'.join(map(_dim_text, side))}"
+    for stride, cls_name, reg_name in zip(meta.strides, meta.cls_outputs, meta.reg_outputs):
+        cells = (meta.image_size // stride) ** 2
+        for name, channels, what in ((cls_name, len(meta.classes), "classes"), (reg_name, 4, "box distances")):
+            shape = _dims(outputs[name])
+            cell_dims = shape[1:-1]  # ONNX [N, H*W, C], TFLite [1, H, W, C]
+            if None not in shape[1:] and (len(shape) < 3 or shape[-1] != channels or np.prod(cell_dims) != cells):
+                return (f"output {name} has shape [{', '.join(map(_dim_text, shape))}], not {cells} cells of "
+                        f"{channels} {what} (stride {stride} at {meta.image_size} px)")
+    return None
+
+
+def _dims(shape: Sequence) -> list[int | None]:
+    """A runtime's shape as ints, None for a dynamic dimension (ORT: a name or None)."""
+    return [int(d) if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape]
+
+
+def _dim_text(dim: int | None) -> str:
+    return "?" if dim is None else str(dim)
 
 
 def open_backend(path: str | Path, threads: int = 2):

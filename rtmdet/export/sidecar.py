@@ -88,18 +88,57 @@ def write_meta(model_path: str | Path, meta: ExportMeta) -> Path:
 
 
 def read_meta(model_path: str | Path) -> ExportMeta:
-    """The sidecar of an exported model; one-line ExportError when missing or unreadable."""
+    """The sidecar of an exported model; one-line ExportError when missing, unreadable or malformed.
+
+    Whether it matches the model file itself is checked where the model is opened
+    (rtmdet.export.backends), since only the runtime knows the model's shapes."""
     path = meta_path(model_path)
     if not path.is_file():
         raise ExportError(f"{path}: sidecar not found; it is written by `rtmdet export` next to the model "
                           "and holds its classes and input size")
     try:
         d = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise ExportError(f"{path}: unreadable sidecar ({exc})") from None
+    except ValueError as exc:  # json's errors and UnicodeDecodeError
+        raise ExportError(f"{path}: sidecar is not valid JSON ({exc})") from None
     if not isinstance(d, dict) or d.get("rtmdet_export") != SCHEMA:
         raise ExportError(f"{path}: not an rtmdet export sidecar of schema {SCHEMA}")
     try:
-        return ExportMeta.from_dict(d)
+        meta = ExportMeta.from_dict(d)
     except TypeError as exc:
         raise ExportError(f"{path}: sidecar is missing fields ({exc})") from None
+    _check_fields(path, meta)
+    return meta
+
+
+def _check_fields(path: Path, meta: ExportMeta) -> None:
+    """Types and internal consistency of the fields the runtimes use, so a hand-edited or
+    foreign sidecar fails here in one line instead of deep inside the post-process."""
+    levels = len(meta.strides) if isinstance(meta.strides, list) else -1
+    checks = (
+        ("format", meta.format in ("onnx", "tflite"), "onnx or tflite"),
+        ("classes", _names(meta.classes) and len(meta.classes) > 0, "a non-empty list of class names"),
+        ("category_ids", _ints(meta.category_ids, len(meta.classes) if isinstance(meta.classes, list) else -1),
+         "one integer per class"),
+        ("image_size", _ints([meta.image_size]) and meta.image_size > 0, "a positive integer"),
+        ("strides", levels > 0 and _ints(meta.strides) and min(meta.strides) > 0, "a list of positive integers"),
+        ("cls_outputs", _names(meta.cls_outputs, levels), f"one output name per stride ({levels} in strides)"),
+        ("reg_outputs", _names(meta.reg_outputs, levels), f"one output name per stride ({levels} in strides)"),
+        ("input_name", isinstance(meta.input_name, str), "a tensor name"),
+    )
+    for key, ok, expected in checks:
+        if not ok:
+            got = repr(getattr(meta, key))
+            got = got if len(got) <= 60 else got[:57] + "..."
+            raise ExportError(f"{path}: sidecar field {key} must be {expected}, got {got}")
+
+
+def _names(value: Any, count: int | None = None) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value) and count in (None, len(value))
+
+
+def _ints(value: Any, count: int | None = None) -> bool:
+    # bool is an int subclass; true/false in a sidecar is a mistake, not a size
+    return (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            and count in (None, len(value)))

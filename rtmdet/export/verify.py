@@ -23,6 +23,7 @@ from typing import Any
 
 from rtmdet.data.records import DetectionDataset
 from rtmdet.errors import RTMDetError
+from rtmdet.failpoints import kill_point
 from rtmdet.fileio import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -102,25 +103,35 @@ def score_format(name: str, path: Path, detector, dataset: DetectionDataset, spl
     return FormatScore(name, path, metrics, path.stat().st_size / 1e6, ms)
 
 
+def open_detectors(weights: Path, exports: dict[str, Path], classes: list[str], threads: int,
+                   batch_size: int) -> list[tuple[str, Path, Any]]:
+    """(format, file, Detector) of the checkpoint and every export, all opened before any is
+    scored: a damaged file or a sidecar that does not match its model fails the stage at once,
+    in one line, instead of after minutes of scoring the others."""
+    from rtmdet.export.backends import detector_from_export
+    from rtmdet.inference.predictor import Detector
+
+    opened = [("torch", weights, Detector.from_checkpoint(weights, device="cpu", batch_size=batch_size))]
+    for name in FORMAT_ORDER[1:]:
+        if name in exports:
+            opened.append((name, exports[name], detector_from_export(exports[name], class_names=classes,
+                                                                     threads=threads, batch_size=batch_size)))
+    return opened
+
+
 def verify(weights: str | Path, exports: dict[str, Path], dataset: DetectionDataset, *, split: str = "valid",
            threads: int = 2, latency_images: int = 50, batch_size: int = 8) -> list[FormatScore]:
     """Score the torch checkpoint and every export on `split` (CPU, `threads` threads)."""
     import torch
 
-    from rtmdet.export.backends import detector_from_export
-    from rtmdet.inference.predictor import Detector
-
     if split not in dataset.splits:
         raise VerifyError(f"split {split!r} not in the dataset (splits: {', '.join(dataset.splits)})")
     torch.set_num_threads(threads)
-    weights = Path(weights)
-    scores = [score_format("torch", weights, Detector.from_checkpoint(weights, device="cpu", batch_size=batch_size),
-                           dataset, split, latency_images, batch_size)]
-    for name in FORMAT_ORDER[1:]:
-        if name in exports:
-            detector = detector_from_export(exports[name], class_names=dataset.classes, threads=threads,
-                                            batch_size=batch_size)
-            scores.append(score_format(name, exports[name], detector, dataset, split, latency_images, batch_size))
+    detectors = open_detectors(Path(weights), exports, dataset.classes, threads, batch_size)
+    scores = []
+    for name, path, detector in detectors:
+        scores.append(score_format(name, path, detector, dataset, split, latency_images, batch_size))
+        kill_point("verify:format")
     return scores
 
 

@@ -29,17 +29,28 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.stat().st_size == 0:  # torch would only say "Ran out of input"
+        raise CheckpointError(f"{path}: not a readable checkpoint (empty file, 0 bytes)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe_pickle)
         except Exception as exc:
-            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-            raise CheckpointError(f"{path}: not a readable checkpoint (truncated, corrupt or not a torch file: {reason})") from None
+            raise CheckpointError(f"{path}: not a readable checkpoint ({_unreadable_reason(path, exc)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict of weights)")
     return obj
+
+
+def _unreadable_reason(path: Path, exc: BaseException) -> str:
+    """Why torch.load failed, in one short clause (torch's messages run to several sentences)."""
+    if path.suffix in (".onnx", ".tflite"):
+        return (f"an exported {path.suffix} model, not a torch checkpoint: exports run through "
+                "rtmdet.export.detector_from_export")
+    lines = str(exc).strip().splitlines()
+    first = lines[0].split(". ")[0].rstrip(".") if lines else type(exc).__name__
+    return f"truncated, corrupt or not a torch file: {first[:120]}"
 
 
 def extract_state_dict(ckpt: dict[str, Any], path: str | Path = "") -> dict[str, torch.Tensor]:

@@ -58,18 +58,33 @@ def save_qat(model: QATDetector, path: str | Path, classes: Sequence[str], categ
 def load_qat(path: str | Path, device: str | torch.device = "cpu") -> tuple[QATDetector, dict[str, Any]]:
     """Rebuild the fake-quant detector of a qat.pt (eval mode); returns (model, checkpoint)."""
     ckpt = read_checkpoint(path)
-    meta = ckpt.get("meta") or {}
-    if not isinstance(meta.get("qat"), dict) or "quantizers" not in ckpt:
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    if not isinstance(meta.get("qat"), dict) or not isinstance(ckpt.get("quantizers"), dict):
         raise CheckpointError(f"{path}: not a QAT checkpoint (no quantizer ranges); QAT writes models/qat/qat.pt")
-    folded = fuse_conv_bn(RTMDet(ModelConfig.from_dict(meta["rtmdet"])))
+    folded = fuse_conv_bn(RTMDet(_qat_config(path, meta)))
     try:
         folded.load_state_dict(extract_state_dict(ckpt, path), strict=True)
         model = prepare_qat(folded)
         model.load_ranges(ckpt["quantizers"])
-    except (RuntimeError, ValueError) as exc:
-        reason = str(exc).splitlines()[0][:160]
-        raise CheckpointError(f"{path}: QAT weights do not fit the model it names ({reason})") from None
+    except (RuntimeError, ValueError, TypeError) as exc:  # TypeError: a range that is not a (lo, hi) pair
+        raise CheckpointError(f"{path}: QAT weights do not fit the model it names ({_first_line(exc)})") from None
     return model.to(device).eval(), ckpt
+
+
+def _qat_config(path: str | Path, meta: dict[str, Any]) -> ModelConfig:
+    """The model a qat.pt names; its weights are BN-folded, so it cannot be inferred from them."""
+    if not isinstance(meta.get("rtmdet"), dict):
+        raise CheckpointError(f"{path}: QAT checkpoint without its model config (meta.rtmdet); "
+                              "QAT writes models/qat/qat.pt")
+    try:
+        return ModelConfig.from_dict(meta["rtmdet"])
+    except TypeError as exc:  # a field missing from the stored config
+        raise CheckpointError(f"{path}: unusable model config in meta.rtmdet ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:160]
 
 
 def sha256_of(path: str | Path) -> str:

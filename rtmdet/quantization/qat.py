@@ -29,6 +29,7 @@ from rtmdet.data.loader import TrainDataset, build_dataloader, set_epoch
 from rtmdet.data.pipeline import PipelineConfig
 from rtmdet.data.records import DetectionDataset
 from rtmdet.errors import ConfigError, RTMDetError
+from rtmdet.failpoints import kill_point
 from rtmdet.quantization.model import QATDetector, calibrate
 from rtmdet.training.build import seed_everything
 from rtmdet.training.losses import RTMDetLoss, make_priors
@@ -98,6 +99,7 @@ def finetune(model: QATDetector, dataset: DetectionDataset, qat: QATParams, trai
         for k, batch in enumerate(bar):
             set_lr(optimizer, schedule(epoch * iters + k))
             losses = _step(model, batch, criterion, priors, optimizer, device, train.channels_last)
+            kill_point("qat:step")
             sums += losses
         means = (sums / iters).tolist()
         if not all(math.isfinite(v) for v in means):

@@ -25,6 +25,8 @@ from rtmdet.data.loader import TrainBatchSampler, TrainDataset, build_dataloader
 from rtmdet.data.pipeline import PipelineConfig
 from rtmdet.data.records import DetectionDataset
 from rtmdet.errors import RTMDetError
+from rtmdet.failpoints import kill_point
+from rtmdet.fileio import remove_stale_temporaries
 from rtmdet.models.checkpoint import save_atomic
 from rtmdet.training import distributed as dist_utils
 from rtmdet.training import state as st
@@ -179,6 +181,8 @@ class _Run:
         if resume is None and self.info.is_main:
             st.discard_stale(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.info.is_main and (n := remove_stale_temporaries(self.out_dir)):
+            log.info("%s: removed %d half-written files of a killed run", self.out_dir, n)
         self._build(resume)
         if resume is not None and self.info.is_main:
             log.info("resuming %s at epoch %d, batch %d of %d (iteration %d)", self.last_path, self.epoch + 1,
@@ -211,6 +215,7 @@ class _Run:
             for k, batch in enumerate(self.loader, start=skip):
                 set_lr(self.optimizer, self.schedule(self.global_iter))
                 self._step(batch)
+                kill_point("train:step")
                 self.global_iter += 1
                 self.pending += 1
                 if self.pending == self.p.log_interval or k == n - 1:
@@ -324,6 +329,7 @@ class _Run:
                 self._save_best(epoch)
             self._save_last(epoch + 1, 0, finished=finished)
             self._log_summary(epoch, means, val)
+            kill_point("train:epoch")
         self.batch = 0
         dist_utils.barrier(self.info)
 
