@@ -85,7 +85,10 @@ class TrainParams:
     amp: str = "auto"  # auto (bf16 where supported, else fp16 with a scaler), bf16, fp16, off
     grad_clip: float | None = None
     channels_last: bool = True
-    compile: bool = False
+    compile: bool | str = "auto"  # auto: on for one CUDA GPU, off on the CPU and with several GPUs
+    compile_mode: str = "cudagraphs"  # cudagraphs (CUDA graphs, built in seconds), reduce-overhead, default, ...
+    sync_bn: bool | str = "auto"  # several GPUs: auto = SyncBatchNorm when a GPU has under 16 images
+    gpus: int | str = "auto"  # ranks the train stage starts: auto = every visible GPU (1 on a CPU machine)
     workers: int = 4
     val_interval: int = 10
     stage2_val_interval: int = 1  # validation interval in the stage-2 epochs (mmdet: every epoch)

@@ -57,6 +57,19 @@ def test_qfl_is_bce_times_modulating_factor() -> None:
         assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_giou_loss_is_torchvisions_value_and_gradient() -> None:
+    from torchvision.ops import generalized_box_iou_loss
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(500, 2, generator=g) * 50
+    pred = torch.cat([xy, xy + torch.rand(500, 2, generator=g) * 30 - 5], 1).requires_grad_()  # some inverted
+    target = torch.cat([xy + 3, xy + 3 + torch.rand(500, 2, generator=g) * 30], 1)
+    target[:50] = target[:50] + 100  # disjoint pairs: no intersection
+    ours, theirs = giou_loss(pred, target, reduction="none"), generalized_box_iou_loss(pred, target)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(*(torch.autograd.grad(v.sum(), pred)[0] for v in (ours, theirs)))
+
+
 def test_giou_loss_known_boxes() -> None:
     boxes = torch.tensor([[0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0]])
     others = torch.tensor([[0.0, 0.0, 2.0, 2.0], [2.0, 0.0, 3.0, 1.0], [1.0, 1.0, 3.0, 3.0]])

@@ -194,8 +194,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
     calls = {"n": 0}
 
     class PoisonedLoss(trainer_mod.RTMDetLoss):
-        def forward(self, *args, **kwargs):
-            out = super().forward(*args, **kwargs)
+        def normalize(self, *args, **kwargs):  # the trainer's last loss step (after `sums`)
+            out = super().normalize(*args, **kwargs)
             calls["n"] += 1
             if calls["n"] == 7:  # global iteration 6: epoch 2, batch 3
                 out = {**out, "loss": out["loss"] * float("nan"), "loss_cls": out["loss_cls"] * float("nan")}

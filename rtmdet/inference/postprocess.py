@@ -49,34 +49,61 @@ def postprocess_single(
     cfg: PostprocessConfig = PostprocessConfig(),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One image: per level cls logits [C, H, W] and distances [4, H, W] -> (boxes, scores, labels)."""
-    all_boxes, all_scores, all_labels = [], [], []
-    for cls, reg, stride in zip(cls_scores, bbox_preds, strides):
-        c, h, w = cls.shape
-        scores = cls.float().permute(1, 2, 0).reshape(-1, c).sigmoid()
-        dist = reg.float().permute(1, 2, 0).reshape(-1, 4)
-        keep = scores > cfg.score_thr  # strict, multi-label: a location may give several classes
-        scores = scores[keep]
-        idx = keep.nonzero()
-        scores, order = scores.sort(descending=True)
-        top = order[: cfg.nms_pre]
-        scores, idx = scores[: cfg.nms_pre], idx[top]
-        loc, labels = idx.unbind(dim=1)
-        points = level_points(h, w, stride, cls.device)[loc]
-        all_boxes.append(decode(points, dist[loc], canvas_hw))
-        all_scores.append(scores)
-        all_labels.append(labels)
-    boxes, scores, labels = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
+    return postprocess_batch([c[None] for c in cls_scores], [b[None] for b in bbox_preds], strides, canvas_hw,
+                             [scale_wh], [ori_hw], cfg)[0]
+
+
+def postprocess_batch(
+    cls_scores: list[torch.Tensor],
+    bbox_preds: list[torch.Tensor],
+    strides: tuple[int, ...],
+    canvas_hw: tuple[int, int],
+    scale_wh: list[tuple[float, float]],
+    ori_hw: list[tuple[int, int]],
+    cfg: PostprocessConfig = PostprocessConfig(),
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A batch: per level cls logits [N, C, H, W] and distances [N, 4, H, W] -> per image
+    (boxes, scores, labels), on the maps' device. Candidates of all images are found in one
+    pass per level; NMS then runs per image, as mmdetection does (offsetting images into one
+    NMS call would round box coordinates differently)."""
+    n = cls_scores[0].shape[0]
+    found = [_level_candidates(cls, reg, stride, canvas_hw, cfg) for cls, reg, stride in
+             zip(cls_scores, bbox_preds, strides)]
+    image, boxes, scores, labels = (torch.cat(parts) for parts in zip(*found))
+    order = torch.argsort(image, stable=True)  # level-major -> image-major, levels in order
+    image, boxes, scores, labels = image[order], boxes[order], scores[order], labels[order]
     # Rescale before NMS, by the fp32 reciprocal of the scale factor (as mmdetection does).
-    inv = torch.tensor([1 / scale_wh[0], 1 / scale_wh[1]] * 2, dtype=torch.float32, device=boxes.device)
-    boxes = boxes * inv
-    wh = boxes[:, 2:] - boxes[:, :2]
-    valid = (wh[:, 0] > cfg.min_bbox_size) & (wh[:, 1] > cfg.min_bbox_size)
-    boxes, scores, labels = boxes[valid], scores[valid], labels[valid]
-    if boxes.numel():
-        keep = batched_nms(boxes, scores, labels, cfg.iou_thr)[: cfg.max_per_img]
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    h0, w0 = ori_hw
-    boxes = torch.stack(
-        (boxes[:, 0].clamp(0, w0), boxes[:, 1].clamp(0, h0), boxes[:, 2].clamp(0, w0), boxes[:, 3].clamp(0, h0)), dim=-1
-    )
-    return boxes, scores, labels
+    inv = torch.tensor([[1 / sw, 1 / sh] * 2 for sw, sh in scale_wh], dtype=torch.float32, device=boxes.device)
+    boxes = boxes * inv[image]
+    counts = torch.bincount(image, minlength=n).tolist()
+    out = []
+    for (b, s, lab), (h0, w0) in zip(zip(boxes.split(counts), scores.split(counts), labels.split(counts)), ori_hw):
+        wh = b[:, 2:] - b[:, :2]
+        valid = (wh[:, 0] > cfg.min_bbox_size) & (wh[:, 1] > cfg.min_bbox_size)
+        b, s, lab = b[valid], s[valid], lab[valid]
+        if b.numel():
+            keep = batched_nms(b, s, lab, cfg.iou_thr)[: cfg.max_per_img]
+            b, s, lab = b[keep], s[keep], lab[keep]
+        b = torch.stack((b[:, 0].clamp(0, w0), b[:, 1].clamp(0, h0), b[:, 2].clamp(0, w0), b[:, 3].clamp(0, h0)), dim=-1)
+        out.append((b, s, lab))
+    return out
+
+
+def _level_candidates(cls: torch.Tensor, reg: torch.Tensor, stride: int, canvas_hw: tuple[int, int],
+                      cfg: PostprocessConfig) -> tuple[torch.Tensor, ...]:
+    """(image index, decoded box, score, label) of every (location, class) over score_thr in one
+    level of every image, at most nms_pre per image: mmdetection's multi-label filter."""
+    n, c, h, w = cls.shape
+    scores = cls.float().permute(0, 2, 3, 1).reshape(n, -1).sigmoid()  # [N, H*W*C], (loc, class) row-major
+    dist = reg.float().permute(0, 2, 3, 1).reshape(n, -1, 4)
+    keep = scores > cfg.score_thr  # strict, multi-label: a location may give several classes
+    if scores.shape[1] > cfg.nms_pre:  # the nms_pre best of those over the threshold
+        top, idx = torch.where(keep, scores, -1.0).topk(cfg.nms_pre, dim=1)
+        image, j = (top > cfg.score_thr).nonzero(as_tuple=True)
+        flat, score = idx[image, j], top[image, j]
+    else:
+        image, flat = keep.nonzero(as_tuple=True)
+        score = scores[image, flat]
+    loc, label = flat // c, flat % c
+    points = level_points(h, w, stride, cls.device)[loc]
+    return image, decode(points, dist[image, loc], canvas_hw), score, label

@@ -11,7 +11,7 @@ from rtmdet.errors import DataError
 from rtmdet.imageio import read_image
 from rtmdet.inference.backends import Backend, TorchBackend
 from rtmdet.inference.detections import Detections
-from rtmdet.inference.postprocess import PostprocessConfig, postprocess_single
+from rtmdet.inference.postprocess import PostprocessConfig, postprocess_batch
 from rtmdet.inference.preprocess import letterbox, to_chw_tensor
 
 ImageInput = Union[str, Path, np.ndarray]
@@ -67,14 +67,16 @@ class Detector:
             canvases.append(canvas)
             infos.append(info)
         cls_scores, bbox_preds = self.backend(to_chw_tensor(canvases))
-        out = []
-        for i, info in enumerate(infos):
-            boxes, scores, labels = postprocess_single(
-                [c[i] for c in cls_scores], [b[i] for b in bbox_preds], self.backend.strides,
-                (self.image_size, self.image_size), info.scale_wh, info.ori_hw, self.postprocess)
-            out.append(Detections(boxes.cpu().numpy().astype(np.float32), scores.cpu().numpy().astype(np.float32),
-                                  labels.cpu().numpy().astype(np.int64), self.class_names, info.ori_hw))
-        return out
+        results = postprocess_batch(cls_scores, bbox_preds, self.backend.strides, (self.image_size, self.image_size),
+                                    [i.scale_wh for i in infos], [i.ori_hw for i in infos], self.postprocess)
+        return [to_detections(r, self.class_names, info.ori_hw) for r, info in zip(results, infos)]
+
+
+def to_detections(result: tuple, class_names: list[str], ori_hw: tuple[int, int]) -> Detections:
+    """A post-processed (boxes, scores, labels) of tensors as numpy Detections."""
+    boxes, scores, labels = (t.cpu().numpy() for t in result)
+    return Detections(boxes.astype(np.float32), scores.astype(np.float32), labels.astype(np.int64),
+                      class_names, tuple(int(v) for v in ori_hw))
 
 
 def _as_bgr(item: ImageInput) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Callable
 
 import numpy as np
 import torch
@@ -64,16 +63,40 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def maybe_compile(module: nn.Module, enabled: bool) -> Callable:
-    """torch.compile(module) when enabled; the module itself when disabled or compile is unavailable."""
-    if not enabled:
-        return module
-    try:
-        return torch.compile(module)
-    except Exception as exc:  # noqa: BLE001 - any backend failure means: train uncompiled
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        log.warning("torch.compile failed (%s); training without it", reason)
-        return module
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cudagraphs")
+
+
+def compile_model(module: nn.Module, mode: str):
+    """torch.compile for train.compile_mode: inductor's modes by name, or "cudagraphs" (CUDA graphs
+    of the traced forward and backward with no code generation: seconds to build, not minutes)."""
+    if mode == "cudagraphs":
+        return torch.compile(module, backend="cudagraphs")
+    return torch.compile(module, mode=None if mode == "default" else mode)
+
+
+def compile_enabled(setting: bool | str, device: torch.device, world_size: int = 1) -> bool:
+    """train.compile: auto = on for one CUDA GPU (a launch-bound step gains most), off on the CPU
+    (compiling takes longer than a short CPU run saves) and, until measured, with several ranks."""
+    if setting == "auto":
+        return device.type == "cuda" and world_size == 1
+    if isinstance(setting, bool):
+        return setting
+    raise ConfigError(f"train.compile {setting!r}: use auto, true or false")
+
+
+def sync_bn_enabled(setting: bool | str, batch_size: int, world_size: int, device: torch.device) -> bool:
+    """train.sync_bn: BatchNorm statistics over every rank's images (SyncBatchNorm) or each rank's
+    own. auto = SyncBN only when a rank has under 16 images, where its own statistics get noisy;
+    it costs two collectives per BN layer and step, and needs CUDA."""
+    if setting not in ("auto", True, False):
+        raise ConfigError(f"train.sync_bn {setting!r}: use auto, true or false")
+    if world_size == 1:
+        return False
+    if device.type != "cuda":
+        if setting is True:
+            log.warning("train.sync_bn: SyncBatchNorm needs CUDA; on CPU each rank uses its own batch statistics")
+        return False
+    return batch_size < 16 if setting == "auto" else setting
 
 
 def check_train_params(train: TrainParams) -> None:
@@ -91,5 +114,7 @@ def check_train_params(train: TrainParams) -> None:
         raise ConfigError(f"train.cosine_start is a fraction of the epochs (0..1), got {train.cosine_start}")
     if train.grad_clip is not None and train.grad_clip <= 0:
         raise ConfigError(f"train.grad_clip must be positive or null, got {train.grad_clip}")
+    if train.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode {train.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
     if train.ckpt_interval_s < 0:
         raise ConfigError(f"train.ckpt_interval_s must not be negative, got {train.ckpt_interval_s}")

@@ -2,7 +2,8 @@
 
 The params file gives the data/model/train sections; the common knobs have their own flags
 and `--set section.key=value` reaches every other key, checked like params.yaml itself. The
-same command under `torchrun --nproc-per-node N -m rtmdet train ...` trains on N GPUs.
+command starts train.gpus ranks itself (auto: every visible GPU); under torchrun (several nodes)
+each rank runs it as the rank it is.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rtmdet.errors import ConfigError
 _FLAGS = {
     "data": ("data", "root"), "size": ("model", "size"), "imgsz": ("model", "imgsz"), "init": ("model", "init"),
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "device": ("train", "device"),
-    "workers": ("train", "workers"), "seed": ("train", "seed"),
+    "workers": ("train", "workers"), "seed": ("train", "seed"), "gpus": ("train", "gpus"),
 }
 
 
@@ -39,6 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per GPU (the lr scales with the total)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--gpus", type=_gpus, help="ranks to start, one per GPU: auto (every visible GPU) or N")
     p.add_argument("--workers", type=int, help="data-loading processes per GPU")
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -50,6 +52,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
+
+
+def _gpus(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def _parse_value(text: str) -> Any:
@@ -89,13 +95,13 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from rtmdet.training.trainer import train
+    from rtmdet.training.launch import train_on_gpus
 
     log = logging.getLogger("rtmdet.train")
     params = resolve_params(args)
     live = args.live if args.live is not None else args.out / "dvclive"
-    result = train(params["data"], params["model"], params["train"], args.out, live_dir=live,
-                   progress=not args.no_progress)
+    result = train_on_gpus(params["data"], params["model"], params["train"], args.out, live_dir=live,
+                           progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     best = "n/a" if result.best_mAP is None else f"{result.best_mAP:.4f} (epoch {result.best_epoch})"

@@ -13,7 +13,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from rtmdet.errors import ConfigError
 
@@ -106,8 +105,3 @@ def broadcast_flag(info: DistInfo, flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=info.device)
     dist.broadcast(t, src=0)
     return bool(t.item() > 0)
-
-
-def uses_sync_bn(net: nn.Module) -> bool:
-    """Whether the model uses SyncBatchNorm (then every rank's BN buffers agree without broadcasting)."""
-    return any(isinstance(m, nn.SyncBatchNorm) for m in net.modules())

@@ -1,7 +1,7 @@
 """mmdetection's ExpMomentumEMA: an exponential moving average whose momentum decays with steps.
 
     momentum_t = (1 - m) * exp(-(1 + steps) / gamma) + m
-    ema        = (1 - momentum_t) * ema + momentum_t * param
+    ema        = (1 - momentum_t) * ema + momentum_t * param     (as one lerp: ema + m * (param - ema))
 
 applied after every optimizer step to the parameters and (update_buffers=True, RTMDet's
 setting) the floating-point buffers, i.e. BatchNorm's running statistics. The first update
@@ -68,10 +68,8 @@ class ExpMomentumEMA:
         ema_f, src_f, ema_i, src_i = self._pairs(model)
         if self.steps == 0:
             torch._foreach_copy_(ema_f, src_f)
-        else:
-            m = self.momentum_at(self.steps)
-            torch._foreach_mul_(ema_f, 1.0 - m)
-            torch._foreach_add_(ema_f, src_f, alpha=m)
+        else:  # ema += m * (param - ema): one fused pass over every tensor
+            torch._foreach_lerp_(ema_f, src_f, self.momentum_at(self.steps))
         if ema_i:
             torch._foreach_copy_(ema_i, src_i)
         self.steps += 1

@@ -13,14 +13,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import generalized_box_iou_loss
 
-from rtmdet.training.assigner import AssignResult, DynamicSoftLabelAssigner
+from rtmdet.training.assigner import DynamicSoftLabelAssigner
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -51,9 +51,21 @@ def quality_focal_loss(pred_logits: Tensor, target_scores: Tensor, labels: Tenso
 
 
 def giou_loss(pred_boxes: Tensor, target_boxes: Tensor, weight: Tensor | None = None,
-              reduction: str = "sum") -> Tensor:
-    """``1 - GIoU`` of aligned xyxy boxes [N, 4], optionally weighted per box [N]."""
-    loss = generalized_box_iou_loss(pred_boxes, target_boxes, reduction="none")
+              reduction: str = "sum", eps: float = 1e-7) -> Tensor:
+    """``1 - GIoU`` of aligned xyxy boxes [N, 4], optionally weighted per box [N].
+
+    torchvision's generalized_box_iou_loss, op for op, with the intersection written as a
+    `where` instead of a masked assignment: no data-dependent shape, so torch.compile keeps it
+    in one graph (tests compare the two)."""
+    x1, y1, x2, y2 = pred_boxes.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = target_boxes.unbind(dim=-1)
+    xk1, yk1, xk2, yk2 = torch.max(x1, x1g), torch.max(y1, y1g), torch.min(x2, x2g), torch.min(y2, y2g)
+    overlap = (yk2 > yk1) & (xk2 > xk1)
+    inter = torch.where(overlap, (xk2 - xk1) * (yk2 - yk1), torch.zeros_like(x1))
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    enclosing = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    loss = 1 - (iou - ((enclosing - union) / (enclosing + eps)))
     if weight is not None:
         loss = loss * weight
     return _reduce(loss, reduction)
@@ -91,6 +103,10 @@ def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
                      dim=1)
 
 
+def _no_phase(name: str) -> nullcontext:
+    return nullcontext()
+
+
 def average_factor(assign_metrics: Tensor) -> Tensor:
     """Sum of assign metrics, averaged over DDP ranks when initialized, clamped to >= 1."""
     total = assign_metrics.detach().sum().float()
@@ -113,6 +129,7 @@ class RTMDetLoss(nn.Module):
         self.qfl_beta = qfl_beta
         self.cls_weight = cls_weight
         self.bbox_weight = bbox_weight
+        self.phase = _no_phase  # the trainer's phase timer (rtmdet.training.phases), when profiled
 
     def forward(self, cls_scores: Sequence[Tensor], bbox_preds: Sequence[Tensor],
                 gt_boxes: Tensor, gt_labels: Tensor, priors: Tensor | None = None,
@@ -124,6 +141,12 @@ class RTMDetLoss(nn.Module):
         [B, M] with -1 padding. Returns ``loss_cls``, ``loss_bbox``, ``loss`` (their sum),
         ``num_pos`` and ``avg_factor`` (the last two detached).
         """
+        return self.normalize(self.sums(cls_scores, bbox_preds, gt_boxes, gt_labels, priors, pad_mask))
+
+    def sums(self, cls_scores: Sequence[Tensor], bbox_preds: Sequence[Tensor], gt_boxes: Tensor,
+             gt_labels: Tensor, priors: Tensor | None = None, pad_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """This rank's un-normalized sums: assignment and both losses, with static shapes and no
+        host sync (the part `torch.compile` can take whole); `normalize` finishes the job."""
         device = cls_scores[0].device
         # Losses and assignment in float32 even inside an autocast region.
         with torch.autocast(device_type=device.type, enabled=False):
@@ -133,17 +156,26 @@ class RTMDetLoss(nn.Module):
                 sizes = [tuple(m.shape[-2:]) for m in cls_scores]
                 priors = make_priors(sizes, self.strides, device=device)
             boxes = decode_distances(priors.float(), dists)
-            targets = self.assigner(logits, boxes, priors, gt_boxes, gt_labels, pad_mask)
-            return self._losses(logits, boxes, targets)
+            with self.phase("assigner"):
+                t = self.assigner(logits, boxes, priors, gt_boxes, gt_labels, pad_mask)
+        with self.phase("losses"), torch.autocast(device_type=device.type, enabled=False):
+            metrics = t.assign_metrics.float()
+            loss_cls = quality_focal_loss(logits, metrics, t.labels, self.qfl_beta, "sum")
+            # Every prior, background replaced by a unit box against itself (zero loss, zero
+            # gradient): boolean indexing would give a data-dependent shape and a host sync.
+            fg = t.fg_mask[..., None]
+            unit = boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
+            pred = torch.where(fg, boxes, unit).reshape(-1, 4)
+            target = torch.where(fg, t.bbox_targets.float(), unit).reshape(-1, 4)
+            loss_bbox = giou_loss(pred, target, weight=metrics.reshape(-1), reduction="sum")
+            return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "metric_sum": metrics.sum(),
+                    "num_pos": t.fg_mask.sum()}
 
-    def _losses(self, logits: Tensor, boxes: Tensor, t: AssignResult) -> dict[str, Tensor]:
-        metrics = t.assign_metrics.float()
-        loss_cls = quality_focal_loss(logits, metrics, t.labels, self.qfl_beta, "sum")
-        # Empty selection keeps the graph (zero grads), which DDP needs on idle batches.
-        loss_bbox = giou_loss(boxes[t.fg_mask], t.bbox_targets[t.fg_mask].float(),
-                              weight=metrics[t.fg_mask], reduction="sum")
-        avg = average_factor(metrics)
-        loss_cls = loss_cls * self.cls_weight / avg
-        loss_bbox = loss_bbox * self.bbox_weight / avg
+    def normalize(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Divide both sums by mmdetection's average factor (the assign metrics' sum, averaged
+        over DDP ranks, at least 1) and weight them."""
+        avg = average_factor(sums["metric_sum"])
+        loss_cls = sums["loss_cls"] * self.cls_weight / avg
+        loss_bbox = sums["loss_bbox"] * self.bbox_weight / avg
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss": loss_cls + loss_bbox,
-                "num_pos": t.fg_mask.sum().detach(), "avg_factor": avg}
+                "num_pos": sums["num_pos"].detach(), "avg_factor": avg}

@@ -30,8 +30,8 @@ STATE_VERSION = 1
 # Train keys that change neither the data seen nor the update rule: changing one resumes the run.
 # (device/compile/channels_last only change float rounding, like running on another GPU.)
 NOT_IN_FINGERPRINT = frozenset({
-    "workers", "device", "compile", "channels_last", "val_interval", "stage2_val_interval",
-    "ckpt_interval_s", "log_interval",
+    "workers", "device", "compile", "compile_mode", "gpus", "channels_last", "val_interval",
+    "stage2_val_interval", "ckpt_interval_s", "log_interval",
 })
 
 

@@ -34,15 +34,19 @@ from rtmdet.training.build import (
     amp_dtype,
     build_train_model,
     check_train_params,
+    compile_enabled,
+    compile_model,
     dataset_from_params,
-    maybe_compile,
     seed_everything,
+    sync_bn_enabled,
 )
 from rtmdet.training.ema import ExpMomentumEMA
 from rtmdet.training.logs import LiveLogger, LossMeter
 from rtmdet.training.losses import RTMDetLoss, make_priors
 from rtmdet.training.optim import LrSchedule, build_optimizer, scaled_lr, set_lr, validation_due
+from rtmdet.training.phases import Phases
 from rtmdet.training.state import TrainResult
+from rtmdet.training.validate import Validator
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,7 @@ class _Run:
         self.last_metrics: dict[str, Any] = {}
         self.meter_state: dict[str, float] | None = None
         self.images_seen, self.train_seconds = 0, 0.0
+        self.phase = Phases(self.device)  # off: benchmarks/train_profile.py turns it on
 
     # ---- setup -------------------------------------------------------------------------------
     def _build(self, resume: dict[str, Any] | None) -> None:
@@ -99,6 +104,7 @@ class _Run:
             torch.backends.cudnn.allow_tf32 = True
         self._build_model(resume)
         self._build_data()
+        self._build_step()
         if self.info.is_main:
             p = self.p
             log.info("lr %.3g = train.lr %.3g x total batch %d (%d per rank x %d) / base_batch_size %d; "
@@ -113,10 +119,8 @@ class _Run:
         if p.channels_last:
             net.to(memory_format=torch.channels_last)
         self.ema = ExpMomentumEMA(net, p.ema_momentum, p.ema_gamma) if p.ema else None
-        if info.distributed and self.device.type == "cuda":
+        if sync_bn_enabled(p.sync_bn, p.batch_size, info.world_size, self.device):
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # keeps the same parameter tensors
-        elif info.distributed:
-            log.warning("SyncBatchNorm needs CUDA: on CPU each rank's BatchNorm uses its own batch statistics")
         self.net = net
         self.lr = scaled_lr(p, self.total_batch)
         self.optimizer = build_optimizer(net, self.lr, p.weight_decay, self.device)
@@ -128,16 +132,15 @@ class _Run:
             seed_everything(p.seed + info.rank)  # per-rank streams; the data pipeline has its own seeds
         self.ddp = None
         if info.distributed:
-            # With SyncBN every rank's BN buffers already agree: no need to broadcast them each step.
+            # Only rank 0's BN statistics are ever saved (EMA) or validated, and training-mode BN
+            # never reads them: nothing to broadcast each step, with or without SyncBN.
             # (torch > 2.11 renames broadcast_buffers and warns; the old name works in both.)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 self.ddp = DistributedDataParallel(
                     net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                    broadcast_buffers=not dist_utils.uses_sync_bn(net), gradient_as_bucket_view=True)
+                    broadcast_buffers=False, gradient_as_bucket_view=True)
         self.eager = self.ddp or net
-        self.forward = maybe_compile(self.eager, p.compile)
-        self.first_step = True
 
     def _build_data(self) -> None:
         p, s = self.p, self.model_p.imgsz
@@ -145,13 +148,38 @@ class _Run:
         self.priors = make_priors([(s // k, s // k) for k in self.net.strides], self.net.strides, device=self.device)
         records = self.dataset.splits["train"].records
         train_ds = TrainDataset(records, PipelineConfig.for_size(self.model_p.size, s))
+        self.compiled = compile_enabled(p.compile, self.device, self.info.world_size)
         self.loader = build_dataloader(train_ds, p.batch_size, num_workers=p.workers, seed=p.seed,
                                        rank=self.info.rank, world_size=self.info.world_size)
+        valid = self.dataset.splits.get("valid")
+        self.validator = None
+        if self.info.is_main and valid is not None and valid.records:
+            self.validator = Validator(valid, self.dataset, s, self.device, batch_size=min(2 * p.batch_size, 64),
+                                       workers=min(p.workers, 4))
         sampler = self.loader.batch_sampler
         assert isinstance(sampler, TrainBatchSampler)
         self.iters_per_epoch = sampler.batches_per_epoch()
         self.schedule = LrSchedule.from_params(p, self.lr, self.iters_per_epoch)
         self.window = torch.zeros(p.log_interval, 3, device=self.device)  # per-iteration loss parts
+
+    def _build_step(self) -> None:
+        """The model's forward: compiled when train.compile says so (its input shape never
+        changes, so it compiles once), else eager. The assigner and losses run eagerly: their
+        shapes follow the number of boxes in a batch, and they have no host sync."""
+        self.model_fn = self.eager
+        if self.compiled:
+            self.model_fn = compile_model(self.eager, self.p.compile_mode)
+        self.criterion.phase = self.phase
+        self.first_step = True
+
+    def _loss_sums(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.net.normalize(images)
+        if self.p.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.phase("forward"), torch.autocast(self.device.type, dtype=self.amp or torch.float32,
+                                                   enabled=self.amp is not None):
+            cls_scores, bbox_preds = self.model_fn(x)
+        return self.criterion.sums(cls_scores, bbox_preds, boxes, labels, priors=self.priors)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         ts = ckpt["train_state"]
@@ -211,15 +239,19 @@ class _Run:
         self.bar = tqdm(total=n, initial=skip, desc=f"epoch {epoch + 1}/{self.p.epochs}", unit="it",
                         disable=not (self.progress and self.info.is_main), dynamic_ncols=True, leave=False)
         start = time.perf_counter()
+        batches = iter(self.loader)
         with self.bar:
-            for k, batch in enumerate(self.loader, start=skip):
+            for k in range(skip, n):
+                with self.phase("data"):
+                    batch = next(batches)
                 set_lr(self.optimizer, self.schedule(self.global_iter))
                 self._step(batch)
                 kill_point("train:step")
                 self.global_iter += 1
                 self.pending += 1
                 if self.pending == self.p.log_interval or k == n - 1:
-                    self._sync(epoch, k)
+                    with self.phase("host sync"):
+                        self._sync(epoch, k)
         self.epoch_seconds = time.perf_counter() - start
         self.train_seconds += self.epoch_seconds
         self.epoch_images = (n - skip) * self.total_batch
@@ -227,42 +259,47 @@ class _Run:
 
     def _step(self, batch: dict[str, Any]) -> None:
         dev = self.device
-        images = batch["images"].to(dev, non_blocking=True)
-        boxes = batch["boxes"].to(dev, non_blocking=True)
-        labels = batch["labels"].to(dev, non_blocking=True)
-        x = self.net.normalize(images)
-        if self.p.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            cls_scores, bbox_preds = self._forward(x)
-        losses = self.criterion(cls_scores, bbox_preds, boxes, labels, priors=self.priors)
-        loss = losses["loss"]
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-        if self.p.grad_clip:
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.p.grad_clip)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        with self.phase("h2d"):
+            images = batch["images"].to(dev, non_blocking=True)
+            boxes = batch["boxes"].to(dev, non_blocking=True)
+            labels = batch["labels"].to(dev, non_blocking=True)
+        if self.first_step and self.compiled:
+            losses = self._first_compiled_step(images, boxes, labels)
         else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.net)
-        self.window[self.pending] = torch.stack([loss, losses["loss_cls"], losses["loss_bbox"]]).detach()
+            losses = self._forward_backward(images, boxes, labels)
+        with self.phase("optimizer"):
+            if self.p.grad_clip:
+                if self.scaler:
+                    self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.p.grad_clip)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with self.phase("ema"):
+            if self.ema is not None:
+                self.ema.update(self.net)
+        self.window[self.pending] = torch.stack([losses["loss"], losses["loss_cls"], losses["loss_bbox"]]).detach()
 
-    def _forward(self, x: torch.Tensor) -> Any:
-        if not self.first_step or self.forward is self.eager:
-            return self.forward(x)
+    def _forward_backward(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict:
+        losses = self.criterion.normalize(self._loss_sums(images, boxes, labels))  # DDP: all-reduces the factor
+        with self.phase("backward"):
+            (self.scaler.scale(losses["loss"]) if self.scaler else losses["loss"]).backward()
+        return losses
+
+    def _first_compiled_step(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict:
+        """torch.compile fails, if it does, at the first forward or backward: then train eagerly."""
         self.first_step = False
         try:
-            return self.forward(x)
-        except Exception as exc:  # noqa: BLE001 - torch.compile errors surface at the first call
-            log.warning("torch.compile failed at the first step (%s); training without it",
-                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-            self.forward = self.eager
-            return self.forward(x)
+            return self._forward_backward(images, boxes, labels)
+        except Exception as exc:  # noqa: BLE001 - any compiler or backend failure means: train eagerly
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            log.warning("torch.compile failed (%s); training without it (train.compile: false skips it)", reason)
+            self.compiled, self.model_fn = False, self.eager
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._forward_backward(images, boxes, labels)
 
     def _sync(self, epoch: int, k: int) -> None:
         """Host sync point: read the loss window, stop on NaN/inf, update the bar, maybe checkpoint."""
@@ -296,26 +333,14 @@ class _Run:
 
     # ---- epoch end ----------------------------------------------------------------------------
     def _validate(self) -> dict[str, Any]:
-        from rtmdet.evaluation.coco_eval import evaluate_detector
-        from rtmdet.inference.backends import TorchBackend
-        from rtmdet.inference.predictor import Detector
-
-        model = self.ema.module if self.ema is not None else self.net
-        was_training = model.training
-        batch = min(self.p.batch_size, 32)
-        detector = Detector(TorchBackend(model, self.device), self.dataset.classes, self.model_p.imgsz,
-                            batch_size=batch)
-        result = evaluate_detector(detector, self.dataset.splits["valid"], self.dataset, batch_size=batch,
-                                   progress=False)
-        model.train(was_training)
-        return result.to_metrics()
+        with self.phase("validate"):
+            return self.validator(self.ema.module if self.ema is not None else self.net)
 
     def _end_epoch(self, epoch: int) -> None:
         means = self.meter.means()
         metrics: dict[str, float | None] = {f"train/{k}": v for k, v in means.items()}
         metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
-        has_valid = "valid" in self.dataset.splits and bool(self.dataset.splits["valid"].records)
-        val = self._validate() if self.info.is_main and has_valid and validation_due(self.p, epoch) else None
+        val = self._validate() if self.validator is not None and validation_due(self.p, epoch) else None
         if val is not None:
             self.last_metrics = val
             metrics["val/mAP"], metrics["val/mAP50"] = val["mAP"], val["mAP50"]

@@ -2,55 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-COPY = ("dvc.yaml", "params.yaml", "stages", "rtmdet", ".dvc/config", ".dvc/plots", ".dvcignore", ".gitignore",
-        "data/.gitignore", "reports/.gitignore", "models/.gitignore")
-TINY = {"data": {"synthetic_train": 24, "synthetic_valid": 8},
-        "model": {"imgsz": 64},
-        "train": {"epochs": 2, "batch_size": 8, "workers": 0, "val_interval": 1, "warmup_iters": 2}}
-
-
-def _run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")  # `python` in dvc.yaml is this venv's
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
+import project
+from project import dvc, run
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    if shutil.which("git") is None or not (Path(sys.executable).parent / "dvc").exists():
-        pytest.skip("git and dvc are needed for the pipeline test")
-    root = tmp_path_factory.mktemp("pipeline")
-    for name in COPY:
-        src, dst = REPO / name, root / name
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], root)
-    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], root)
-    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], root)
-    _run([str(Path(sys.executable).parent / "dvc"), "repro"], root)
-    return root
+def repo(reference) -> Path:
+    return reference.root
 
 
 def test_repro_writes_sane_outputs(repo):
@@ -86,29 +53,26 @@ def test_repro_writes_sane_outputs(repo):
 
 
 def test_second_repro_runs_nothing_and_status_is_clean(repo):
-    dvc = str(Path(sys.executable).parent / "dvc")
-    assert "up to date" in _run([dvc, "status"], repo)
-    out = _run([dvc, "repro"], repo)
+    assert "up to date" in run([dvc(), "status"], repo)
+    out = run([dvc(), "repro"], repo)
     assert "Running stage" not in out
 
 
 def test_evaluate_param_reruns_only_evaluate(repo):
-    dvc = str(Path(sys.executable).parent / "dvc")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["evaluate"]["conf_thr"] = 0.5
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = _run([dvc, "status"], repo)
+    status = run([dvc(), "status"], repo)
     assert "evaluate:" in status and "train:" not in status and "prepare:" not in status
 
 
 def test_export_param_reruns_export_verify_report_and_not_train(repo):
-    dvc = str(Path(sys.executable).parent / "dvc")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["export"]["formats"] = ["onnx", "tflite_fp32", "tflite_int8"]  # no fp16 file this time
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = _run([dvc, "status"], repo)
+    status = run([dvc(), "status"], repo)
     assert "export:" in status and "train:" not in status and "qat:" not in status
-    out = _run([dvc, "repro"], repo)
+    out = run([dvc(), "repro"], repo)
     ran = re.findall(r"Running stage '(\w+)'", out)
     # (evaluate runs too: the test before changed one of its params without a repro)
     assert set(ran) >= {"export", "verify", "report"} and not set(ran) & {"train", "prepare", "qat"}, ran
@@ -116,21 +80,60 @@ def test_export_param_reruns_export_verify_report_and_not_train(repo):
     assert not list((repo / "models/export").glob("*fp16*"))
 
 
-def test_two_experiments_are_compared_in_experiments_md(repo):
-    dvc = str(Path(sys.executable).parent / "dvc")
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    _run([*git, "add", "-A"], repo)
-    _run([*git, "commit", "-qm", "params"], repo)
-    for name, epochs in (("short", 1), ("long", 3)):
-        _run([dvc, "exp", "run", "-n", name, "-S", f"train.epochs={epochs}"], repo)
-    assert set(_run([dvc, "exp", "list", "--name-only"], repo).split()) >= {"short", "long"}
-    page = (repo / "reports/experiments.md").read_text()  # written inside the `long` run
-    lines = [line.strip().strip("|").split("|") for line in page.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0]]
-    rows = {r[0].strip(): dict(zip(header, (c.strip() for c in r))) for r in lines[2:]}
-    assert rows["short"]["train.epochs"] == "1" and rows["long (this run)"]["train.epochs"] == "3", rows
-    long_map = json.loads((repo / "reports/metrics/evaluate.json").read_text())["valid"]["mAP"]
-    assert rows["long (this run)"]["valid mAP"] == f"{long_map:.4f}", rows
-    assert (repo / "reports/report/experiments.png").stat().st_size > 1000
-    diff = _run([dvc, "metrics", "diff"], repo)
-    assert "reports/metrics/evaluate.json" in diff
+def _fingerprints(root: Path) -> dict[str, str]:
+    """sha256 of every file under the workspace's pipeline outputs, and of params.yaml."""
+    files = [root / "params.yaml"] + [f for d in ("models", "reports", "data/prepared", "runs")
+                                      for f in sorted((root / d).rglob("*")) if f.is_file()]
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _experiments(root: Path) -> dict[str, dict]:
+    """name -> {params, metrics} of every finished experiment, from `dvc exp show --json`."""
+    out = {}
+    for baseline in json.loads(run([dvc(), "exp", "show", "--json"], root)):
+        for exp in baseline.get("experiments") or []:
+            rev = exp["revs"][0]
+            if rev.get("data"):
+                data = rev["data"]
+                out[exp["name"]] = {"params": data["params"]["params.yaml"]["data"],
+                                    "metrics": {k: v["data"] for k, v in data["metrics"].items()}}
+    return out
+
+
+def test_queued_experiments_run_two_at_a_time_and_leave_the_workspace_alone(repo):
+    # DVC runs queued experiments in temporary clones of the last commit (.dvc/tmp/exps), so the
+    # code, params.yaml and dvc.lock must be committed; outputs come from the DVC cache, and
+    # persisted outputs (runs/train, the dvclive folder) start empty there: a queued train
+    # cannot pick up the workspace's last.pt. Image folders outside the project are recorded
+    # absolute in data/prepared for the same reason (relative ones would point elsewhere).
+    project.commit(repo, "params")
+    before = _fingerprints(repo)
+    variants = {"epochs3": "train.epochs=3", "conf04": "evaluate.conf_thr=0.4", "conf06": "evaluate.conf_thr=0.6"}
+    for name, setting in variants.items():
+        run([dvc(), "exp", "run", "--queue", "-n", name, "-S", setting], repo)
+    # The workers outlive `dvc queue start`: their output goes to a file, so nothing waits for
+    # the pipes they would hold open.
+    with (repo.parent / "queue-start.log").open("w") as log:
+        subprocess.run([dvc(), "queue", "start", "-j", "2"], cwd=repo, env=project.env(), stdout=log,
+                       stderr=subprocess.STDOUT, timeout=120, check=True)
+    deadline = time.monotonic() + 1200
+    while (status := run([dvc(), "queue", "status"], repo)).count("Success") < len(variants):
+        assert "Failed" not in status, run([dvc(), "queue", "logs", *variants], repo)
+        assert time.monotonic() < deadline, status
+        time.sleep(5)
+    run([dvc(), "queue", "stop"], repo)  # no worker left behind
+    exps = _experiments(repo)
+    assert set(exps) >= set(variants), (exps.keys(), status)
+    evaluate = {name: exps[name]["metrics"]["reports/metrics/evaluate.json"]["valid"] for name in variants}
+    assert exps["epochs3"]["params"]["train"]["epochs"] == 3
+    assert exps["conf04"]["params"]["evaluate"]["conf_thr"] == 0.4
+    # The two evaluate-only experiments reuse the baseline's model: the same mAP, their own threshold.
+    base = json.loads((repo / "reports/metrics/evaluate.json").read_text())["valid"]
+    assert evaluate["conf04"]["mAP"] == evaluate["conf06"]["mAP"] == base["mAP"]
+    assert all("verify.json" in " ".join(exps[n]["metrics"]) for n in variants)
+    assert _fingerprints(repo) == before  # nothing in the workspace moved
+    run(["rtmdet", "report"], repo)
+    page = (repo / "reports/experiments.md").read_text()
+    assert all(f"| {name} " in page for name in variants), page
+    diff = run([dvc(), "exp", "diff", "epochs3"], repo)  # baseline against an experiment
+    assert "reports/metrics/evaluate.json" in diff and "train.epochs" in diff, diff

@@ -1,0 +1,79 @@
+"""Several GPUs without leaving DVC: `train.gpus` ranks started by torch's elastic launcher.
+
+`train_on_gpus` is what the train stage and `rtmdet train` call. With train.gpus auto (every
+visible GPU) or N > 1 it starts the ranks itself through `torch.distributed.launcher.api`, the
+code behind `torchrun`, on this machine; each rank runs `rtmdet.training.train`, which joins the
+group from the launcher's environment. Under a launcher already (torchrun, several nodes: see
+the README) it trains as the rank it was started as.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from rtmdet.config import DataParams, ModelParams, TrainParams
+from rtmdet.data.records import DetectionDataset
+from rtmdet.errors import ConfigError
+from rtmdet.training.state import TrainResult
+from rtmdet.training.trainer import TrainingError, train as train_run
+
+log = logging.getLogger(__name__)
+
+
+def launched() -> bool:
+    """True inside a rank that torchrun (or this module) started."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_gpus(setting: int | str, device: str) -> int:
+    """How many ranks to start: auto = every visible CUDA GPU (1 when there is none or
+    train.device is cpu); an explicit count must exist on this machine."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if setting == "auto":
+        return max(visible, 1) if device in ("auto", "cuda") else 1
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise ConfigError(f"train.gpus {setting!r}: use auto or a number of GPUs (1 or more)")
+    if setting > 1 and device == "cpu":
+        raise ConfigError(f"train.gpus {setting}: train.device is cpu; set train.gpus: 1 (or auto) to train on the CPU")
+    if setting > 1 and setting > visible:
+        have = f"only {visible} CUDA GPU{'s' if visible != 1 else ''} visible" if visible else "no CUDA GPU"
+        raise ConfigError(f"train.gpus {setting}: this machine has {have}; use train.gpus: auto")
+    return setting
+
+
+def train_on_gpus(data: DataParams, model: ModelParams, train: TrainParams, out_dir: Path, *,
+                  dataset: DetectionDataset | None = None, live_dir: Path | None = None,
+                  progress: bool = True) -> TrainResult:
+    """Train in this process, or start train.gpus ranks on this machine and return rank 0's result."""
+    ranks = 1 if launched() else resolve_gpus(train.gpus, train.device)
+    if ranks == 1:
+        return train_run(data, model, train, out_dir, dataset=dataset, live_dir=live_dir, progress=progress)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    log.info("starting %d ranks, one per GPU (train.gpus %s)", ranks, train.gpus)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=f"rtmdet-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=1.0,
+                          start_method="spawn")
+    try:
+        results = elastic_launch(config, _rank)(data, model, train, Path(out_dir), dataset, live_dir, progress)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        reason = (failure.message or f"exit code {failure.exitcode}").strip().splitlines()[-1][:300]
+        raise TrainingError(f"rank {rank} of {ranks} failed: {reason}") from None
+    return results[0]
+
+
+@record
+def _rank(data: DataParams, model: ModelParams, train: TrainParams, out_dir: Path,
+          dataset: DetectionDataset | None, live_dir: Path | None, progress: bool) -> TrainResult:
+    """One rank: logging as the parent had it (rank 0 talks, the others warn), then train."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s: %(message)s")
+    return train_run(data, model, train, out_dir, dataset=dataset, live_dir=live_dir, progress=progress and rank == 0)
