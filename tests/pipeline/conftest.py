@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import project
+from pipeline import project
 
 
 @dataclass

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import project
-from project import dvc, run
+from pipeline import project
+from pipeline.project import dvc, run
 
 @pytest.fixture(scope="module")
 def repo(reference) -> Path:

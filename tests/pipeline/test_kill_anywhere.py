@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-import project
+from pipeline import project
 
 # (kill point, what the next `dvc repro` must show it resumed from). The tiny train runs two
 # epochs of three iterations; last.pt is written at the end of each epoch.
