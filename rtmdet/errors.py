@@ -18,3 +18,10 @@ class CheckpointError(RTMDetError):
 
 class DataError(RTMDetError):
     """A dataset, annotation file or image that cannot be used."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's message cut to its first line (libraries add tracebacks, hints, C++
+    locations), or its type name when it has none: for one-line errors and warnings."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

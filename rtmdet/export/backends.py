@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from rtmdet.errors import first_line
 from rtmdet.export import ExportError
 from rtmdet.export.sidecar import ExportMeta, meta_path, read_meta
 
@@ -91,9 +92,8 @@ def _unreadable(where: str | Path, fmt: str, reason: str) -> ExportError:
 
 def _runtime_reason(exc: BaseException) -> str:
     """A runtime's message cut to one short line: ORT repeats the path and adds C++ locations."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0].rsplit("failed:", 1)[-1].strip() if lines else ""
-    return (text.rstrip(".") or type(exc).__name__)[:120]
+    text = first_line(exc, 1000).rsplit("failed:", 1)[-1].strip().rstrip(".")
+    return (text or type(exc).__name__)[:120]
 
 
 def _tflite_modules():

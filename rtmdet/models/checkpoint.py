@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rtmdet.errors import CheckpointError
+from rtmdet.errors import CheckpointError, first_line
 from rtmdet.fileio import write_atomic
 from rtmdet.models import safe_pickle
 from rtmdet.models.detector import SIZES, ModelConfig, RTMDet, model_config
@@ -48,9 +48,7 @@ def _unreadable_reason(path: Path, exc: BaseException) -> str:
     if path.suffix in (".onnx", ".tflite"):
         return (f"an exported {path.suffix} model, not a torch checkpoint: exports run through "
                 "rtmdet.export.detector_from_export")
-    lines = str(exc).strip().splitlines()
-    first = lines[0].split(". ")[0].rstrip(".") if lines else type(exc).__name__
-    return f"truncated, corrupt or not a torch file: {first[:120]}"
+    return f"truncated, corrupt or not a torch file: {first_line(exc, 1000).split('. ')[0].rstrip('.')[:120]}"
 
 
 def extract_state_dict(ckpt: dict[str, Any], path: str | Path = "") -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from rtmdet.data.records import DetectionDataset
-from rtmdet.errors import CheckpointError
+from rtmdet.errors import CheckpointError, first_line
 from rtmdet.models.checkpoint import extract_state_dict, read_checkpoint, save_atomic
 from rtmdet.models.detector import ModelConfig, RTMDet
 from rtmdet.models.fuse import fuse_conv_bn
@@ -67,7 +67,7 @@ def load_qat(path: str | Path, device: str | torch.device = "cpu") -> tuple[QATD
         model = prepare_qat(folded)
         model.load_ranges(ckpt["quantizers"])
     except (RuntimeError, ValueError, TypeError) as exc:  # TypeError: a range that is not a (lo, hi) pair
-        raise CheckpointError(f"{path}: QAT weights do not fit the model it names ({_first_line(exc)})") from None
+        raise CheckpointError(f"{path}: QAT weights do not fit the model it names ({first_line(exc)})") from None
     return model.to(device).eval(), ckpt
 
 
@@ -79,12 +79,7 @@ def _qat_config(path: str | Path, meta: dict[str, Any]) -> ModelConfig:
     try:
         return ModelConfig.from_dict(meta["rtmdet"])
     except TypeError as exc:  # a field missing from the stored config
-        raise CheckpointError(f"{path}: unusable model config in meta.rtmdet ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:160]
+        raise CheckpointError(f"{path}: unusable model config in meta.rtmdet ({first_line(exc)})") from None
 
 
 def sha256_of(path: str | Path) -> str:

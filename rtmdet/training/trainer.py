@@ -24,7 +24,7 @@ from rtmdet.config import DataParams, ModelParams, TrainParams
 from rtmdet.data.loader import TrainBatchSampler, TrainDataset, build_dataloader, set_epoch
 from rtmdet.data.pipeline import PipelineConfig
 from rtmdet.data.records import DetectionDataset
-from rtmdet.errors import RTMDetError
+from rtmdet.errors import RTMDetError, first_line
 from rtmdet.failpoints import kill_point
 from rtmdet.fileio import remove_stale_temporaries
 from rtmdet.models.checkpoint import save_atomic
@@ -295,8 +295,8 @@ class _Run:
         try:
             return self._forward_backward(images, boxes, labels)
         except Exception as exc:  # noqa: BLE001 - any compiler or backend failure means: train eagerly
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            log.warning("torch.compile failed (%s); training without it (train.compile: false skips it)", reason)
+            log.warning("torch.compile failed (%s); training without it (train.compile: false skips it)",
+                        first_line(exc, 200))
             self.compiled, self.model_fn = False, self.eager
             self.optimizer.zero_grad(set_to_none=True)
             return self._forward_backward(images, boxes, labels)
