@@ -10,9 +10,10 @@ benchmarks/peer_yolo.py) and drives its real step on stage-1 (mosaic) batches:
 1. warm-up steps (cudnn autotuning, torch.compile), then `--steps` steps timed as training runs
    them (no extra syncs): ms per step, images/s (per rank and all ranks), time waiting for data;
 2. the same number of steps with every phase synchronized (data, h2d, forward, assigner, losses,
-   backward, optimizer, ema, host sync; a compiled step reports forward+loss as one phase):
+   backward, optimizer, ema, host sync; a compiled step reports forward+loss as one phase, a
+   graphed step (compile_mode graph*) the whole step as one):
    each phase's own ms per step;
-3. a few steps under torch.profiler: CUDA kernels launched and host syncs per step;
+3. a few steps under torch.profiler: CUDA launches (kernels, or graphs) and host syncs per step;
 4. validation of the valid split three times (the first fills caches): seconds, split into
    inference (images, model, post-process) and COCO scoring.
 
@@ -37,13 +38,12 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # a PYTHONPATH checko
 from rtmdet.config import DataParams, ModelParams, parse_section  # noqa: E402
 from rtmdet.data.loader import set_epoch  # noqa: E402
 from rtmdet.training import distributed as dist_utils  # noqa: E402
-from rtmdet.training.optim import set_lr  # noqa: E402
 from rtmdet.training.trainer import _Run  # noqa: E402
 
 RECIPE = {"lr": 0.016, "base_batch_size": 32, "warmup_iters": 300, "stage2_epochs": 20, "amp": "auto",
           "channels_last": True, "epochs": 100, "ema": True}
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,7 +89,6 @@ class Driver:
         run = self.run
         with run.phase("data"):
             batch = self.next_batch()
-        set_lr(run.optimizer, run.schedule(run.global_iter))
         run._step(batch)
         run.global_iter += 1
         run.pending += 1

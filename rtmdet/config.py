@@ -86,7 +86,7 @@ class TrainParams:
     grad_clip: float | None = None
     channels_last: bool = True
     compile: bool | str = "auto"  # auto: on for one CUDA GPU, off on the CPU and with several GPUs
-    compile_mode: str = "cudagraphs"  # cudagraphs (CUDA graphs, built in seconds), reduce-overhead, default, ...
+    compile_mode: str = "graph"  # graph (the whole step as CUDA graphs), graph-inductor, cudagraphs, default, ...
     sync_bn: bool | str = "auto"  # several GPUs: auto = SyncBatchNorm when a GPU has under 16 images
     gpus: int | str = "auto"  # ranks the train stage starts: auto = every visible GPU (1 on a CPU machine)
     workers: int = 4

@@ -277,6 +277,15 @@ class _ForkSafeLoader(DataLoader):
         finally:
             cv2.setNumThreads(previous)
 
+    def close(self) -> None:
+        """Stop the worker processes now. Persistent workers otherwise stop only when the
+        interpreter exits, where torch's shutdown (with a pin-memory thread) waits up to 5 s per
+        worker: over a minute at the end of a 14-worker GPU run."""
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._iterator = None
+
 
 def build_dataloader(
     dataset: TrainDataset | ValDataset,

@@ -137,23 +137,34 @@ def detections_to_coco_results(
 ) -> list[dict[str, Any]]:
     """COCO results (image_id, original category_id, bbox xywh, score), boxes and scores rounded
     to BOX_DECIMALS / SCORE_DECIMALS."""
-    results = []
-    for image_id, dets in dets_by_image_id.items():
-        boxes = np.asarray(dets.boxes, dtype=np.float64).reshape(-1, 4)
-        labels = np.asarray(dets.labels).reshape(-1)
-        scores = np.asarray(dets.scores, dtype=np.float64).reshape(-1)
-        if labels.size and (labels.min() < 0 or labels.max() >= len(category_ids)):
-            raise DataError(
-                f"detections for image id {image_id}: class index {int(labels.max())} is outside "
-                f"the dataset's {len(category_ids)} classes"
-            )
-        # Whole arrays at a time; numpy's rounding (scale, rint, unscale) can differ from round()
-        # by one unit of the last decimal in rare halfway cases: far below what moves a match.
-        xywh = np.round(np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1), BOX_DECIMALS)
-        cats = np.asarray(category_ids, dtype=np.int64)[labels.astype(np.int64)]
-        results += [{"image_id": int(image_id), "category_id": c, "bbox": b, "score": s}
-                    for c, b, s in zip(cats.tolist(), xywh.tolist(), np.round(scores, SCORE_DECIMALS).tolist())]
-    return results
+    parts = [(image_id, np.asarray(d.boxes, np.float64).reshape(-1, 4), np.asarray(d.scores, np.float64).reshape(-1),
+              np.asarray(d.labels).reshape(-1)) for image_id, d in dets_by_image_id.items()]
+    if not parts:
+        return []
+    ids = np.concatenate([np.full(len(p[3]), p[0], np.int64) for p in parts])
+    return coco_results_from_arrays(ids, *(np.concatenate([p[k] for p in parts]) for k in (1, 2, 3)),
+                                    category_ids=category_ids)
+
+
+def coco_results_from_arrays(image_ids: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                             category_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """COCO results from flat arrays over all images: image ids [N], xyxy boxes [N, 4], scores
+    [N], class indices [N]; whole arrays at a time (tens of thousands of detections in ms)."""
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(category_ids)):
+        bad = int(labels.max() if labels.max() >= len(category_ids) else labels.min())
+        where = int(np.asarray(image_ids).reshape(-1)[np.argmax((labels < 0) | (labels >= len(category_ids)))])
+        raise DataError(f"detections for image id {where}: class index {bad} is outside "
+                        f"the dataset's {len(category_ids)} classes")
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    # numpy's rounding (scale, rint, unscale) can differ from round() by one unit of the last
+    # decimal in rare halfway cases: far below what moves a match.
+    xywh = np.round(np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1), BOX_DECIMALS)
+    cats = np.asarray(category_ids, dtype=np.int64)[labels]
+    scores = np.round(np.asarray(scores, np.float64).reshape(-1), SCORE_DECIMALS)
+    return [{"image_id": i, "category_id": c, "bbox": b, "score": s}
+            for i, c, b, s in zip(np.asarray(image_ids).reshape(-1).tolist(), cats.tolist(), xywh.tolist(),
+                                  scores.tolist())]
 
 
 def evaluate_results(

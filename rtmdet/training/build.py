@@ -63,12 +63,22 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "cudagraphs")
+# "graph": the whole step (forward, assigner, losses, backward, AdamW, EMA) as CUDA graphs, eager
+# kernels (rtmdet.training.step_graph); "graph-inductor": the same with the model's kernels fused
+# by inductor inside. The others compile the model alone: inductor's modes by name, or
+# "cudagraphs" (torch.compile's CUDA-graph backend for the model's forward and backward).
+GRAPH_MODES = ("graph", "graph-inductor")
+COMPILE_MODES = (*GRAPH_MODES, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs",
+                 "cudagraphs")
 
 
 def compile_model(module: nn.Module, mode: str):
-    """torch.compile for train.compile_mode: inductor's modes by name, or "cudagraphs" (CUDA graphs
-    of the traced forward and backward with no code generation: seconds to build, not minutes)."""
+    """torch.compile of the model alone for train.compile_mode (a graph mode's model part: inductor's
+    default mode for "graph-inductor", none for "graph")."""
+    if mode == "graph":
+        return module
+    if mode == "graph-inductor":
+        mode = "default"  # CUDA graphs come from the step graph around it
     if mode == "cudagraphs":
         return torch.compile(module, backend="cudagraphs")
     return torch.compile(module, mode=None if mode == "default" else mode)

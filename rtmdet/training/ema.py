@@ -74,6 +74,21 @@ class ExpMomentumEMA:
             torch._foreach_copy_(ema_i, src_i)
         self.steps += 1
 
+    def next_weight(self) -> float:
+        """The weight the next update gives the model (1: the first update copies it)."""
+        return 1.0 if self.steps == 0 else self.momentum_at(self.steps)
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, weight: torch.Tensor) -> None:
+        """ema += weight * (param - ema) with the weight a device tensor and no counter: the
+        update as a CUDA graph holds it (the caller advances `steps` and fills `weight`)."""
+        ema_f, src_f, ema_i, src_i = self._pairs(model)
+        delta = torch._foreach_sub(src_f, ema_f)
+        torch._foreach_mul_(delta, weight)
+        torch._foreach_add_(ema_f, delta)
+        if ema_i:
+            torch._foreach_copy_(ema_i, src_i)
+
     def state_dict(self) -> dict:
         """The counter; the averaged weights are `self.module.state_dict()`."""
         return {"steps": self.steps, "momentum": self.momentum, "gamma": self.gamma}

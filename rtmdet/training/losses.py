@@ -164,7 +164,7 @@ class RTMDetLoss(nn.Module):
             # Every prior, background replaced by a unit box against itself (zero loss, zero
             # gradient): boolean indexing would give a data-dependent shape and a host sync.
             fg = t.fg_mask[..., None]
-            unit = boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
+            unit = F.pad(boxes.new_ones(2), (2, 0))  # [0, 0, 1, 1], made on the device (capturable)
             pred = torch.where(fg, boxes, unit).reshape(-1, 4)
             target = torch.where(fg, t.bbox_targets.float(), unit).reshape(-1, 4)
             loss_bbox = giou_loss(pred, target, weight=metrics.reshape(-1), reduction="sum")

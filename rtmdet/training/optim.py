@@ -53,8 +53,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; the fused CUDA kernel on GPUs (one launch for all tensors)."""
-    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    """AdamW over `param_groups`; the fused CUDA kernel on GPUs (one launch for all tensors),
+    capturable: its step counts stay on the device, so a CUDA graph can hold the update."""
+    kwargs = {"fused": True, "capturable": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8, **kwargs)
 
 
@@ -98,6 +99,14 @@ class LrSchedule:
     def __call__(self, it: int) -> float:
         """The lr used by global iteration `it` (0-based)."""
         return self.cosine_lr(it) * self.warmup_factor(it)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """optimizer.state_dict() with every lr a python float (a graphed step's lr is a device
+    tensor): a checkpoint resumes the same way with or without CUDA graphs, on any device."""
+    state = optimizer.state_dict()
+    state["param_groups"] = [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]
+    return state
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -28,6 +28,11 @@ class Phases:
     def __call__(self, name: str) -> AbstractContextManager:
         return self._timed(name) if self.enabled else nullcontext()
 
+    @staticmethod
+    def off(name: str) -> AbstractContextManager:
+        """Never timed: for code that may run inside a CUDA graph capture (no syncs allowed)."""
+        return nullcontext()
+
     @contextmanager
     def _timed(self, name: str) -> Iterator[None]:
         self._sync()

@@ -31,6 +31,7 @@ from rtmdet.models.checkpoint import save_atomic
 from rtmdet.training import distributed as dist_utils
 from rtmdet.training import state as st
 from rtmdet.training.build import (
+    GRAPH_MODES,
     amp_dtype,
     build_train_model,
     check_train_params,
@@ -43,9 +44,10 @@ from rtmdet.training.build import (
 from rtmdet.training.ema import ExpMomentumEMA
 from rtmdet.training.logs import LiveLogger, LossMeter
 from rtmdet.training.losses import RTMDetLoss, make_priors
-from rtmdet.training.optim import LrSchedule, build_optimizer, scaled_lr, set_lr, validation_due
+from rtmdet.training.optim import LrSchedule, build_optimizer, optimizer_state, scaled_lr, set_lr, validation_due
 from rtmdet.training.phases import Phases
 from rtmdet.training.state import TrainResult
+from rtmdet.training.step_graph import StepGraphs
 from rtmdet.training.validate import Validator
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,7 @@ class _Run:
         self.meter_state: dict[str, float] | None = None
         self.images_seen, self.train_seconds = 0, 0.0
         self.phase = Phases(self.device)  # off: benchmarks/train_profile.py turns it on
+        self.lr_now = 0.0  # the lr of the latest step (the schedule's, set by _step)
 
     # ---- setup -------------------------------------------------------------------------------
     def _build(self, resume: dict[str, Any] | None) -> None:
@@ -163,21 +166,34 @@ class _Run:
         self.window = torch.zeros(p.log_interval, 3, device=self.device)  # per-iteration loss parts
 
     def _build_step(self) -> None:
-        """The model's forward: compiled when train.compile says so (its input shape never
-        changes, so it compiles once), else eager. The assigner and losses run eagerly: their
-        shapes follow the number of boxes in a batch, and they have no host sync."""
-        self.model_fn = self.eager
-        if self.compiled:
-            self.model_fn = compile_model(self.eager, self.p.compile_mode)
+        """How a step runs, by train.compile and train.compile_mode: the whole step as CUDA graphs
+        (graph modes, one CUDA GPU, bf16 or fp32), or the model's forward compiled (other modes;
+        its input shape never changes, so it compiles once), or all eager."""
+        self.model_fn, self.graphs, mode = self.eager, None, self.p.compile_mode
         self.criterion.phase = self.phase
         self.first_step = True
+        if not self.compiled:
+            return
+        if mode in GRAPH_MODES:
+            why = ("it needs one CUDA GPU" if self.device.type != "cuda" or self.info.distributed
+                   else "fp16 needs a gradient scaler, which syncs with the host" if self.scaler else None)
+            if why is None:
+                self.graphs = StepGraphs(self._graph_body, self.optimizer, self.device)
+                self.criterion.phase = self.phase.off  # never a synchronizing timer inside a capture
+            else:
+                log.info("train.compile_mode %s: %s; compiling the model alone (inductor)", mode, why)
+                mode = "default"
+        self.model_fn = compile_model(self.eager, mode)
 
     def _loss_sums(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.net.normalize(images)
         if self.p.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with self.phase("forward"), torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                                                   enabled=self.amp is not None):
+        graphed = self.graphs is not None
+        # A capture keeps no autocast cache (its casts must be part of the graph).
+        with (self.phase.off if graphed else self.phase)("forward"), torch.autocast(
+                self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
+                cache_enabled=not graphed):
             cls_scores, bbox_preds = self.model_fn(x)
         return self.criterion.sums(cls_scores, bbox_preds, boxes, labels, priors=self.priors)
 
@@ -222,6 +238,9 @@ class _Run:
                 self._end_epoch(epoch)
         finally:
             self.live.close()
+            self.loader.close()  # now, not at exit (where torch waits seconds per worker)
+            if self.validator is not None:
+                self.validator.loader.close()
         return self._result(resumed=resume is not None)
 
     def _stage(self, epoch: int) -> int:
@@ -244,7 +263,6 @@ class _Run:
             for k in range(skip, n):
                 with self.phase("data"):
                     batch = next(batches)
-                set_lr(self.optimizer, self.schedule(self.global_iter))
                 self._step(batch)
                 kill_point("train:step")
                 self.global_iter += 1
@@ -258,6 +276,16 @@ class _Run:
         self.images_seen += self.epoch_images
 
     def _step(self, batch: dict[str, Any]) -> None:
+        """One training step on a batch at the schedule's lr for self.global_iter."""
+        self.lr_now = self.schedule(self.global_iter)
+        if self.graphs is not None:
+            losses = self._graphed_step(batch)
+        else:
+            losses = self._eager_step(batch)
+        self.window[self.pending] = torch.stack([losses["loss"], losses["loss_cls"], losses["loss_bbox"]]).detach()
+
+    def _eager_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        set_lr(self.optimizer, self.lr_now)
         dev = self.device
         with self.phase("h2d"):
             images = batch["images"].to(dev, non_blocking=True)
@@ -281,7 +309,41 @@ class _Run:
         with self.phase("ema"):
             if self.ema is not None:
                 self.ema.update(self.net)
-        self.window[self.pending] = torch.stack([losses["loss"], losses["loss_cls"], losses["loss_bbox"]]).detach()
+        return losses
+
+    def _graphed_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The step as a CUDA graph replay (after warm-up steps and a capture per box bucket). If
+        the first capture fails, one warning line and the rest of training runs eagerly."""
+        weight = self.ema.next_weight() if self.ema is not None else 0.0
+        try:
+            with self.phase("step (graph)"):
+                losses = self.graphs(batch["images"], batch["boxes"], batch["labels"], self.lr_now, weight)
+        except Exception as exc:  # noqa: BLE001 - a capture that fails means: train eagerly
+            if self.graphs.captures:
+                raise  # it worked before: a real error, not the compiler's
+            log.warning("CUDA graph capture failed (%s); training without it (train.compile: false skips it)",
+                        first_line(exc, 200))
+            self.graphs.release_lr()
+            self.graphs, self.model_fn, self.compiled = None, self.eager, False
+            self.criterion.phase = self.phase
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._eager_step(batch)
+        if self.ema is not None:
+            self.ema.steps += 1
+        return losses
+
+    def _graph_body(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+                    ema_weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One whole step on device tensors with no host sync: what StepGraphs captures."""
+        self.optimizer.zero_grad(set_to_none=False)  # the graphs accumulate into persistent grads
+        losses = self.criterion.normalize(self._loss_sums(images, boxes, labels))
+        losses["loss"].backward()
+        if self.p.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.p.grad_clip, foreach=True)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.apply(self.net, ema_weight)
+        return {k: losses[k].detach() for k in ("loss", "loss_cls", "loss_bbox")}
 
     def _forward_backward(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict:
         losses = self.criterion.normalize(self._loss_sums(images, boxes, labels))  # DDP: all-reduces the factor
@@ -311,7 +373,7 @@ class _Run:
         if not self.bar.disable:
             loss, cls, box = self.meter.last
             self.bar.set_postfix_str(f"loss {loss:.4f} cls {cls:.4f} bbox {box:.4f} "
-                                     f"lr {self.optimizer.param_groups[0]['lr']:.3g}{self._mem()}", refresh=False)
+                                     f"lr {self.lr_now:.3g}{self._mem()}", refresh=False)
         self.bar.update(self.pending)
         self.pending = 0
         due = time.monotonic() - self.last_ckpt >= self.p.ckpt_interval_s
@@ -339,7 +401,7 @@ class _Run:
     def _end_epoch(self, epoch: int) -> None:
         means = self.meter.means()
         metrics: dict[str, float | None] = {f"train/{k}": v for k, v in means.items()}
-        metrics["train/lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["train/lr"] = self.lr_now
         val = self._validate() if self.validator is not None and validation_due(self.p, epoch) else None
         if val is not None:
             self.last_metrics = val
@@ -369,7 +431,7 @@ class _Run:
                      f"(best {self.best_map:.4f} @ {self.best_epoch})")
         log.info("epoch %d/%d  loss %.4f (cls %.4f, bbox %.4f)  lr %.3g  %.1f img/s  %.1fs %s%s  ETA %s",
                  done, self.p.epochs, means["loss"], means["loss_cls"], means["loss_bbox"],
-                 self.optimizer.param_groups[0]["lr"], rate, self.epoch_seconds, mem, score,
+                 self.lr_now, rate, self.epoch_seconds, mem, score,
                  time.strftime("%H:%M:%S", time.gmtime(eta)))
 
     def _mem(self) -> str:
@@ -393,7 +455,7 @@ class _Run:
             "version": st.STATE_VERSION, "fingerprint": self.fp, "fingerprint_payload": self.payload,
             "finished": finished, "epoch": epoch, "batch": batch, "global_iter": self.global_iter,
             "best_map": self.best_map, "best_epoch": self.best_epoch,
-            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.net.state_dict(), "optimizer": optimizer_state(self.optimizer),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": self.ema.state_dict() if self.ema else None, "rng": st.capture_rng(),
             "meters": self.meter.state_dict(), "images_seen": self.images_seen,
