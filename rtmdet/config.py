@@ -86,6 +86,11 @@ class TrainParams:
     grad_clip: float | None = None
     channels_last: bool = True
     compile: bool | str = "auto"  # auto: on for one CUDA GPU, off on the CPU and with several GPUs
+    teacher: str | None = None  # distillation: a detector checkpoint, or a size trained first (runs/teacher)
+    teacher_epochs: int | None = None  # a size's teacher trains this long (null: train.epochs)
+    distill_weight: float = 1.0  # per neck level, channel-wise divergence of normalized features
+    distill_tau: float = 1.0
+    distill_stage2: bool = False  # keep distilling in the stage-2 epochs (MMRazor: the student trains alone)
     compile_mode: str = "graph"  # graph (the whole step as CUDA graphs), graph-inductor, cudagraphs, default, ...
     sync_bn: bool | str = "auto"  # several GPUs: auto = SyncBatchNorm when a GPU has under 16 images
     gpus: int | str = "auto"  # ranks the train stage starts: auto = every visible GPU (1 on a CPU machine)

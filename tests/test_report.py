@@ -74,6 +74,8 @@ def make_reports(root: Path, optional: bool = True, map_: float = 0.5) -> Path:
     write_json(reports / "metrics/verify.json", {"split": "valid", "formats": formats})
     write_json(reports / "metrics/qat.json", {"fake_quant": {"mAP": 0.48, "mAP50": 0.69},
                                               "float": {"mAP": 0.5, "mAP50": 0.7}})  # fmt: skip
+    write_json(reports / "train/teacher.json", {"teacher": "tiny", "student_mAP": 0.51, "student_train_seconds": 30.0,
+                                                "teacher_mAP": 0.62, "teacher_epochs": 6, "teacher_train_seconds": 61.0})
     return reports
 
 
@@ -95,6 +97,8 @@ def test_readme_with_every_input(tmp_path):
     assert "| `tflite_int8` | 0.4700 | 0.6700 | 0.0300 | 4.20 | 12.5 |" in page
     assert page.index("`torch`") < page.index("`onnx`") < page.index("`tflite_fp32`") < page.index("`tflite_int8`")
     assert "| after QAT, simulated int8 (fake-quant) | 0.4800 | 0.6900 |" in page
+    assert "| teacher | `tiny` | 0.6200 | 6 | 61 |" in page  # distillation side by side
+    assert "| student (distilled) | `models/best.pt` | 0.5100 |  | 30 |" in page
     for link in ("report/training.png", "evaluate/pr_valid.png", "evaluate/worst_test.png",
                  "prepare/box_sizes.png"):  # fmt: skip
         assert f"]({link})" in page and (reports / link).is_file(), link
@@ -114,6 +118,7 @@ def test_readme_without_optional_inputs(tmp_path):
                  "_No precision-recall curves:"):  # fmt: skip
         assert note in page, note
     assert "| circle | 0.5000 | 0.6000 |" in page  # AP per class from evaluate.json instead
+    assert "## Distillation" not in page  # no teacher: no section
     assert not (reports / "report/training.png").exists()
     assert "1 run: the workspace run." in (reports / "experiments.md").read_text()
 

@@ -74,11 +74,16 @@ def test_checkpointed_optimizer_state_has_float_learning_rates():
 
 
 @pytest.mark.gpu
-def test_a_graphed_step_trains_like_the_eager_one(tmp_path: Path, caplog):
+@pytest.mark.parametrize("distill", [False, True], ids=["plain", "distilled"])
+def test_a_graphed_step_trains_like_the_eager_one(tmp_path: Path, caplog, distill: bool):
     root = make_dataset(tmp_path / "data", n_train=16, n_valid=4)
     params = dict(epochs=3, batch_size=4, base_batch_size=4, lr=0.004, warmup_iters=4, stage2_epochs=1, workers=0,
                   val_interval=3, seed=0, device="cuda", amp="off", channels_last=False)
     args = (DataParams(root=str(root)), ModelParams(size="nano", imgsz=64))
+    if distill:  # a teacher of one epoch; the graphs of stage 1 (distilling) and stage 2 differ
+        teacher = train(*args, TrainParams(**{**params, "epochs": 1}, compile=False), tmp_path / "teacher",
+                        progress=False)
+        params["teacher"] = str(teacher.best)
     torch.backends.cudnn.deterministic = True
     try:
         eager = train(*args, TrainParams(**params, compile=False), tmp_path / "eager", progress=False)

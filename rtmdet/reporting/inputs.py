@@ -20,6 +20,7 @@ VERIFY = Path("metrics/verify.json")  # {"split": .., "formats": {name: {mAP, mA
 QAT = Path("metrics/qat.json")  # {"fake_quant": {mAP, mAP50}, "float": {mAP, mAP50}}
 EVALUATE_DIR = Path("evaluate")  # per_class_<split>.json and the evaluate PNGs
 PREPARE_DIR = Path("prepare")  # dataset charts and stats.json
+TEACHER = Path("train/teacher.json")  # the train stage's teacher/student summary ({} without a teacher)
 LIVE_METRICS = Path("train/plots/metrics")  # dvclive's per-metric .tsv files
 REPORT_DIR = Path("report")  # the PNGs this stage draws
 # verify.json's formats in the order tables show them; any other name follows, sorted.

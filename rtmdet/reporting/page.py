@@ -14,7 +14,7 @@ from typing import Any
 
 from rtmdet.config import as_dict
 from rtmdet.reporting.curves import read_live_metrics, training_figure
-from rtmdet.reporting.inputs import (EVALUATE_DIR, LIVE_METRICS, PREPARE_DIR, QAT, REPORT_DIR, VERIFY,
+from rtmdet.reporting.inputs import (EVALUATE_DIR, LIVE_METRICS, PREPARE_DIR, QAT, REPORT_DIR, TEACHER, VERIFY,
                                      format_order, read_optional)  # fmt: skip
 from rtmdet.reporting.markdown import figure_png, fmt, image, table
 
@@ -50,6 +50,7 @@ def readme_page(reports: Path, evaluate: dict[str, dict[str, Any]], params: dict
     lines += _metrics_section(evaluate)
     lines += _exported_section(reports)
     lines += _qat_section(reports)
+    lines += _distillation_section(reports)
     lines += _training_section(reports, files)
     lines += _per_class_section(reports, evaluate)
     lines += _evaluate_plots_section(reports, list(evaluate))
@@ -105,6 +106,20 @@ def _qat_section(reports: Path) -> list[str]:
     if not rows:
         return lines + _note(note or f"`{reports / QAT}` holds no scores.")
     return lines + ["`metrics/qat.json`:", "", table(["model", "mAP", "mAP50"], rows, align="lrr"), ""]
+
+
+def _distillation_section(reports: Path) -> list[str]:
+    """Teacher and student side by side, when the run had a teacher (else nothing)."""
+    data, _ = read_optional(reports / TEACHER, "distillation summary")
+    if not isinstance(data, dict) or not data.get("teacher"):
+        return []
+    rows = [["teacher", f"`{data['teacher']}`", fmt(data.get("teacher_mAP")), fmt(data.get("teacher_epochs"), 0),
+             fmt(data.get("teacher_train_seconds"), 0)],
+            ["student (distilled)", "`models/best.pt`", fmt(data.get("student_mAP")), "",
+             fmt(data.get("student_train_seconds"), 0)]]
+    return ["## Distillation", "", "Best valid mAP during training (`reports/train/teacher.json`); a teacher "
+            "given as a checkpoint was not trained here.", "",
+            table(["model", "weights", "valid mAP", "epochs", "training s"], rows, align="llrrr"), ""]
 
 
 def _training_section(reports: Path, files: dict[str, bytes]) -> list[str]:

@@ -19,6 +19,7 @@ _FLAGS = {
     "data": ("data", "root"), "size": ("model", "size"), "imgsz": ("model", "imgsz"), "init": ("model", "init"),
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "device": ("train", "device"),
     "workers": ("train", "workers"), "seed": ("train", "seed"), "gpus": ("train", "gpus"),
+    "teacher": ("train", "teacher"),
 }
 
 
@@ -37,6 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--size", help="model size: nano, tiny, s, m, l, x")
     p.add_argument("--imgsz", type=int, help="training and validation image size (multiple of 32)")
     p.add_argument("--init", metavar="CKPT", help="start from a CSPNeXt backbone or a full RTMDet checkpoint")
+    p.add_argument("--teacher", metavar="CKPT|SIZE",
+                   help="distill from this detector checkpoint, or from a teacher of this size trained first "
+                        "into OUT-teacher (same data, classes and image size)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per GPU (the lr scales with the total)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
@@ -95,15 +99,18 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from rtmdet.training.launch import train_on_gpus
+    from rtmdet.training.launch import train_with_teacher
 
     log = logging.getLogger("rtmdet.train")
     params = resolve_params(args)
     live = args.live if args.live is not None else args.out / "dvclive"
-    result = train_on_gpus(params["data"], params["model"], params["train"], args.out, live_dir=live,
-                           progress=not args.no_progress)
+    result, teacher = train_with_teacher(params["data"], params["model"], params["train"], args.out,
+                                         args.out.with_name(args.out.name + "-teacher"), live_dir=live,
+                                         progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     best = "n/a" if result.best_mAP is None else f"{result.best_mAP:.4f} (epoch {result.best_epoch})"
+    if teacher is not None and teacher.best_mAP is not None:
+        log.info("teacher: %s (best mAP %.4f)", teacher.best or teacher.last, teacher.best_mAP)
     log.info("done: %s (best mAP %s), %s", result.best or "no best.pt", best, result.last)
     return 0

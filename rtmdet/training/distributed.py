@@ -105,3 +105,15 @@ def broadcast_flag(info: DistInfo, flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=info.device)
     dist.broadcast(t, src=0)
     return bool(t.item() > 0)
+
+
+def average_gradients(module: torch.nn.Module, info: DistInfo) -> None:
+    """Average the gradients of a module that DDP does not wrap (the distillation adapters) over
+    the ranks: one all-reduce of their concatenation (every rank must call it)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not info.distributed or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])

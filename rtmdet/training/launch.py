@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -68,6 +69,30 @@ def train_on_gpus(data: DataParams, model: ModelParams, train: TrainParams, out_
         reason = (failure.message or f"exit code {failure.exitcode}").strip().splitlines()[-1][:300]
         raise TrainingError(f"rank {rank} of {ranks} failed: {reason}") from None
     return results[0]
+
+
+def train_with_teacher(data: DataParams, model: ModelParams, train: TrainParams, out_dir: Path, teacher_dir: Path,
+                       *, dataset: DetectionDataset | None = None, live_dir: Path | None = None,
+                       progress: bool = True) -> tuple[TrainResult, TrainResult | None]:
+    """train.teacher a model size: train that teacher first into teacher_dir (same data, recipe
+    and image size; train.teacher_epochs long; resumable like any run), then the student
+    distilled from its best weights. A checkpoint path is used as it is; null trains alone.
+    Returns (student, teacher or None)."""
+    from rtmdet.models import SIZES
+
+    teacher = None
+    if train.teacher and not Path(train.teacher).is_file():
+        if train.teacher not in SIZES:
+            raise ConfigError(f"train.teacher {train.teacher}: no such checkpoint file, and not a model size "
+                              f"({', '.join(SIZES)}) to train one")
+        t_model = ModelParams(size=train.teacher, imgsz=model.imgsz)
+        t_train = replace(train, teacher=None, epochs=train.teacher_epochs or train.epochs)
+        log.info("training the teacher, RTMDet-%s at %d px for %d epochs, into %s", train.teacher, model.imgsz,
+                 t_train.epochs, teacher_dir)
+        teacher = train_on_gpus(data, t_model, t_train, teacher_dir, dataset=dataset, progress=progress)
+        train = replace(train, teacher=str(teacher.best or teacher.last))
+    student = train_on_gpus(data, model, train, out_dir, dataset=dataset, live_dir=live_dir, progress=progress)
+    return student, teacher
 
 
 @record

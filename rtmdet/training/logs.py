@@ -90,21 +90,21 @@ class LiveLogger:
 class LossMeter:
     """Running sums of the loss parts over an epoch (host floats, filled at sync points)."""
 
-    NAMES = ("loss", "loss_cls", "loss_bbox")
+    NAMES = ("loss", "loss_cls", "loss_bbox", "loss_distill")  # loss_distill: 0 without a teacher
 
     def __init__(self, state: dict[str, float] | None = None):
         state = state or {}
         self.sums = [float(state.get(n, 0.0)) for n in self.NAMES]
         self.count = int(state.get("count", 0))
-        self.last = [math.nan] * 3
+        self.last = [math.nan] * len(self.NAMES)
 
     def add(self, rows: list[list[float]]) -> None:
-        """Add per-iteration rows of (loss, loss_cls, loss_bbox)."""
+        """Add per-iteration rows of (loss, loss_cls, loss_bbox, loss_distill)."""
         for row in rows:
             self.sums = [s + v for s, v in zip(self.sums, row)]
         self.count += len(rows)
         if rows:
-            self.last = [sum(r[i] for r in rows) / len(rows) for i in range(3)]
+            self.last = [sum(r[i] for r in rows) / len(rows) for i in range(len(self.NAMES))]
 
     def means(self) -> dict[str, float]:
         """Epoch averages so far."""

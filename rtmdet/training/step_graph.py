@@ -78,9 +78,9 @@ class StepGraphs:
         for group in self.optimizer.param_groups:
             group["lr"] = value
 
-    def _slot(self, images: Tensor, boxes: Tensor) -> _Graph:
+    def _slot(self, images: Tensor, boxes: Tensor, variant: object) -> _Graph:
         bucket = box_bucket(boxes.shape[1])
-        key = (tuple(images.shape), images.dtype, bucket)
+        key = (tuple(images.shape), images.dtype, bucket, variant)
         slot = self.graphs.get(key)
         if slot is None:
             n = images.shape[0]
@@ -90,10 +90,11 @@ class StepGraphs:
             self.graphs[key] = slot
         return slot
 
-    def __call__(self, images: Tensor, boxes: Tensor, labels: Tensor, lr: float, ema_weight: float
-                 ) -> dict[str, Tensor]:
-        """One training step on this batch (host or device tensors); returns the body's outputs."""
-        slot = self._slot(images, boxes)
+    def __call__(self, images: Tensor, boxes: Tensor, labels: Tensor, lr: float, ema_weight: float,
+                 variant: object = None) -> dict[str, Tensor]:
+        """One training step on this batch (host or device tensors); returns the body's outputs.
+        `variant` names what else the body's work depends on (its graphs are kept apart)."""
+        slot = self._slot(images, boxes, variant)
         m = boxes.shape[1]
         slot.images.copy_(images, non_blocking=True)
         slot.boxes[:, :m].copy_(boxes, non_blocking=True)

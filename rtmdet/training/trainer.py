@@ -41,6 +41,7 @@ from rtmdet.training.build import (
     seed_everything,
     sync_bn_enabled,
 )
+from rtmdet.training.distill import Distiller, load_teacher
 from rtmdet.training.ema import ExpMomentumEMA
 from rtmdet.training.logs import LiveLogger, LossMeter
 from rtmdet.training.losses import RTMDetLoss, make_priors
@@ -125,8 +126,11 @@ class _Run:
         if sync_bn_enabled(p.sync_bn, p.batch_size, info.world_size, self.device):
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # keeps the same parameter tensors
         self.net = net
+        self.distiller = self._build_distiller(net)
+        self.distilling = self.distiller is not None
+        trained = net if self.distiller is None else torch.nn.ModuleList([net, self.distiller.adapters])
         self.lr = scaled_lr(p, self.total_batch)
-        self.optimizer = build_optimizer(net, self.lr, p.weight_decay, self.device)
+        self.optimizer = build_optimizer(trained, self.lr, p.weight_decay, self.device)
         self.amp = amp_dtype(p.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         if resume is not None:
@@ -144,6 +148,20 @@ class _Run:
                     net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                     broadcast_buffers=False, gradient_as_bucket_view=True)
         self.eager = self.ddp or net
+
+    def _build_distiller(self, net: torch.nn.Module) -> Distiller | None:
+        """train.teacher: the frozen teacher on this device, hooks on both necks, fresh adapters."""
+        if not self.p.teacher:
+            return None
+        teacher = load_teacher(self.p.teacher, self.dataset.classes, self.model_p.imgsz)
+        if self.p.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        if self.info.is_main:
+            log.info("distilling from %s (%s, %s classes) into the neck, weight %g, tau %g%s", self.p.teacher,
+                     teacher.cfg.size if hasattr(teacher.cfg, "size") else "teacher", teacher.cfg.num_classes,
+                     self.p.distill_weight, self.p.distill_tau, "" if self.p.distill_stage2 else "; not in stage 2")
+        torch.manual_seed(self.p.seed)  # the same adapters on every rank and every resume
+        return Distiller(teacher, net, self.p.distill_weight, self.p.distill_tau).to(self.device)
 
     def _build_data(self) -> None:
         p, s = self.p, self.model_p.imgsz
@@ -163,7 +181,7 @@ class _Run:
         assert isinstance(sampler, TrainBatchSampler)
         self.iters_per_epoch = sampler.batches_per_epoch()
         self.schedule = LrSchedule.from_params(p, self.lr, self.iters_per_epoch)
-        self.window = torch.zeros(p.log_interval, 3, device=self.device)  # per-iteration loss parts
+        self.window = torch.zeros(p.log_interval, len(LossMeter.NAMES), device=self.device)  # per-iteration losses
 
     def _build_step(self) -> None:
         """How a step runs, by train.compile and train.compile_mode: the whole step as CUDA graphs
@@ -195,7 +213,19 @@ class _Run:
                 self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
                 cache_enabled=not graphed):
             cls_scores, bbox_preds = self.model_fn(x)
-        return self.criterion.sums(cls_scores, bbox_preds, boxes, labels, priors=self.priors)
+            distill = self.distiller.loss(x) if self.distilling else None
+        sums = self.criterion.sums(cls_scores, bbox_preds, boxes, labels, priors=self.priors)
+        if distill is not None:
+            sums["loss_distill"] = distill
+        return sums
+
+    def _losses(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The normalized detection losses plus the distillation loss (already weighted)."""
+        losses = self.criterion.normalize(sums)  # DDP: all-reduces the average factor
+        distill = sums.get("loss_distill")
+        losses["loss_distill"] = distill if distill is not None else torch.zeros_like(losses["loss"])
+        losses["loss"] = losses["loss"] + losses["loss_distill"]
+        return losses
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         ts = ckpt["train_state"]
@@ -206,6 +236,8 @@ class _Run:
         if self.ema is not None:
             self.ema.module.load_state_dict(ckpt["state_dict"])
             self.ema.load_state_dict(ts["ema"])
+        if self.distiller is not None and ts.get("distill_adapters"):
+            self.distiller.adapters.load_state_dict(ts["distill_adapters"])
         self.epoch, self.batch, self.global_iter = ts["epoch"], ts["batch"], ts["global_iter"]
         self.best_map, self.best_epoch = ts["best_map"], ts["best_epoch"]
         self.meter_state = ts["meters"] if self.batch > 0 else None
@@ -251,6 +283,7 @@ class _Run:
         # The batch order is a pure function of (seed, epoch): skipping the first `skip` batches
         # gives exactly the rest of an interrupted epoch, without decoding the skipped images.
         set_epoch(self.loader, epoch, self._stage(epoch), skip=skip)
+        self.distilling = self.distiller is not None and (self._stage(epoch) == 1 or self.p.distill_stage2)
         self.net.train()
         self.meter = LossMeter(self.meter_state if skip else None)
         self.pending, self.last_ckpt = 0, time.monotonic()
@@ -282,7 +315,7 @@ class _Run:
             losses = self._graphed_step(batch)
         else:
             losses = self._eager_step(batch)
-        self.window[self.pending] = torch.stack([losses["loss"], losses["loss_cls"], losses["loss_bbox"]]).detach()
+        self.window[self.pending] = torch.stack([losses[k] for k in LossMeter.NAMES]).detach()
 
     def _eager_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         set_lr(self.optimizer, self.lr_now)
@@ -317,7 +350,8 @@ class _Run:
         weight = self.ema.next_weight() if self.ema is not None else 0.0
         try:
             with self.phase("step (graph)"):
-                losses = self.graphs(batch["images"], batch["boxes"], batch["labels"], self.lr_now, weight)
+                losses = self.graphs(batch["images"], batch["boxes"], batch["labels"], self.lr_now, weight,
+                                     variant=self.distilling)
         except Exception as exc:  # noqa: BLE001 - a capture that fails means: train eagerly
             if self.graphs.captures:
                 raise  # it worked before: a real error, not the compiler's
@@ -336,19 +370,21 @@ class _Run:
                     ema_weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """One whole step on device tensors with no host sync: what StepGraphs captures."""
         self.optimizer.zero_grad(set_to_none=False)  # the graphs accumulate into persistent grads
-        losses = self.criterion.normalize(self._loss_sums(images, boxes, labels))
+        losses = self._losses(self._loss_sums(images, boxes, labels))
         losses["loss"].backward()
         if self.p.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.p.grad_clip, foreach=True)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.apply(self.net, ema_weight)
-        return {k: losses[k].detach() for k in ("loss", "loss_cls", "loss_bbox")}
+        return {k: losses[k].detach() for k in LossMeter.NAMES}
 
     def _forward_backward(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict:
-        losses = self.criterion.normalize(self._loss_sums(images, boxes, labels))  # DDP: all-reduces the factor
+        losses = self._losses(self._loss_sums(images, boxes, labels))
         with self.phase("backward"):
             (self.scaler.scale(losses["loss"]) if self.scaler else losses["loss"]).backward()
+        if self.distilling and self.info.distributed:
+            dist_utils.average_gradients(self.distiller.adapters, self.info)  # not inside DDP
         return losses
 
     def _first_compiled_step(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -371,7 +407,7 @@ class _Run:
             self._nonfinite(epoch, k, rows, first_bad)
         self.meter.add(rows)
         if not self.bar.disable:
-            loss, cls, box = self.meter.last
+            loss, cls, box, _ = self.meter.last
             self.bar.set_postfix_str(f"loss {loss:.4f} cls {cls:.4f} bbox {box:.4f} "
                                      f"lr {self.lr_now:.3g}{self._mem()}", refresh=False)
         self.bar.update(self.pending)
@@ -386,7 +422,7 @@ class _Run:
             raise TrainingError(f"epoch {epoch + 1}: the loss became NaN/inf on another rank before iteration "
                                 f"{self.global_iter}; kept {self.last_path} and {self.best_path} from before")
         batch = k - len(rows) + 1 + first_bad
-        loss, cls, box = rows[first_bad]
+        loss, cls, box, _ = rows[first_bad]
         raise TrainingError(
             f"epoch {epoch + 1}, iteration {batch + 1}/{self.iters_per_epoch} "
             f"(global {self.global_iter - len(rows) + first_bad}): "
@@ -400,7 +436,8 @@ class _Run:
 
     def _end_epoch(self, epoch: int) -> None:
         means = self.meter.means()
-        metrics: dict[str, float | None] = {f"train/{k}": v for k, v in means.items()}
+        metrics: dict[str, float | None] = {f"train/{k}": v for k, v in means.items()
+                                            if k != "loss_distill" or self.distiller is not None}
         metrics["train/lr"] = self.lr_now
         val = self._validate() if self.validator is not None and validation_due(self.p, epoch) else None
         if val is not None:
@@ -458,6 +495,7 @@ class _Run:
             "model": self.net.state_dict(), "optimizer": optimizer_state(self.optimizer),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": self.ema.state_dict() if self.ema else None, "rng": st.capture_rng(),
+            "distill_adapters": self.distiller.adapters.state_dict() if self.distiller else None,
             "meters": self.meter.state_dict(), "images_seen": self.images_seen,
             "train_seconds": self.train_seconds, "world_size": self.info.world_size, "lr": self.lr,
             "last_metrics": self.last_metrics,
