@@ -361,6 +361,16 @@ def test_tflite_detections_match_torch(tflite_files, torch_detector, dataset, pr
 
 
 @pytest.mark.slow
+def test_tflite_operator_lists(tflite_files):
+    from rtmdet.export.backends import tflite_operators
+
+    fp32, int8 = tflite_operators(tflite_files["fp32"]), tflite_operators(tflite_files["int8"])
+    assert fp32["CONV_2D"] > 20 and "DEPTHWISE_CONV_2D" in fp32
+    # ReLU6 folds into the convolutions: no LOGISTIC (SiLU's sigmoid) for a microcontroller runtime.
+    assert "LOGISTIC" not in int8 and "QUANTIZE" in int8
+    assert sum(int8.values()) >= sum(fp32.values())  # the same graph plus (de)quantize at the edges
+
+
 def test_tflite_outputs_are_named_and_ordered(tflite_files):
     from rtmdet.export.backends import make_interpreter
 

@@ -71,6 +71,7 @@ def make_reports(root: Path, optional: bool = True, map_: float = 0.5) -> Path:
         "train": {"images": 24, "boxes": 60, "images_without_boxes": 1}}})
     formats = {name: {"mAP": map_ - d, "mAP50": map_ + 0.2 - d, "drop": d, "size_mb": 4.2, "latency_ms": 12.5}
                for name, d in (("torch", 0.0), ("onnx", 0.0), ("tflite_fp32", 0.001), ("tflite_int8", 0.03))}
+    formats["tflite_int8"]["operators"] = {"CONV_2D": 78, "DEPTHWISE_CONV_2D": 10, "QUANTIZE": 1}
     write_json(reports / "metrics/verify.json", {"split": "valid", "formats": formats})
     write_json(reports / "metrics/qat.json", {"fake_quant": {"mAP": 0.48, "mAP50": 0.69},
                                               "float": {"mAP": 0.5, "mAP50": 0.7}})  # fmt: skip
@@ -97,6 +98,8 @@ def test_readme_with_every_input(tmp_path):
     assert "| `tflite_int8` | 0.4700 | 0.6700 | 0.0300 | 4.20 | 12.5 |" in page
     assert page.index("`torch`") < page.index("`onnx`") < page.index("`tflite_fp32`") < page.index("`tflite_int8`")
     assert "| after QAT, simulated int8 (fake-quant) | 0.4800 | 0.6900 |" in page
+    assert ("Operators of `tflite_int8` (what a runtime must implement): CONV_2D x78, DEPTHWISE_CONV_2D x10, "
+            "QUANTIZE x1.") in page
     assert "| teacher | `tiny` | 0.6200 | 6 | 61 |" in page  # distillation side by side
     assert "| student (distilled) | `models/best.pt` | 0.5100 |  | 30 |" in page
     for link in ("report/training.png", "evaluate/pr_valid.png", "evaluate/worst_test.png",

@@ -127,6 +127,26 @@ def check_tflite_bytes(data: bytes, where: str | Path, schema: ModuleType) -> No
         raise _unreadable(where, "TFLite", f"truncated: a weight buffer lies past its {len(data)} bytes")
 
 
+def tflite_operators(path: str | Path) -> dict[str, int]:
+    """How often each operator occurs in a TFLite file, by name ("CONV_2D": 41, ...), sorted:
+    what a runtime, a microcontroller's included, must implement to run it."""
+    _, schema = _tflite_modules()
+    data = Path(path).read_bytes()
+    check_tflite_bytes(data, path, schema)
+    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    counts: dict[str, int] = {}
+    for graph in model.subgraphs or []:
+        for op in graph.operators or []:
+            code = model.operatorCodes[op.opcodeIndex]
+            # Codes past 127 live in builtinCode; the deprecated byte holds the rest (schema v3a).
+            builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+            name = (code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode) \
+                if names.get(builtin) == "CUSTOM" else names.get(builtin, f"BUILTIN_{builtin}")
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def make_interpreter(model: str | Path | bytes, threads: int = 2):
     """A LiteRT interpreter (ai-edge-litert, else TensorFlow's), tensors allocated; one-line
     ExportError for a file that is not a complete TFLite model."""

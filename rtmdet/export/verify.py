@@ -51,9 +51,14 @@ class FormatScore:
     def row(self, torch_map: float | None) -> dict[str, Any]:
         m = self.metrics
         drop = None if torch_map is None else round(torch_map - m["mAP"], 5)
-        return {"mAP": m["mAP"], "mAP50": m["mAP50"], "mAP_small": m.get("mAP_small"), "drop": drop,
-                "size_mb": round(self.size_mb, 3), "latency_ms": round(self.latency_ms, 2),
-                "file": str(self.path)}
+        row = {"mAP": m["mAP"], "mAP50": m["mAP50"], "mAP_small": m.get("mAP_small"), "drop": drop,
+               "size_mb": round(self.size_mb, 3), "latency_ms": round(self.latency_ms, 2),
+               "file": str(self.path)}
+        if self.path.suffix == ".tflite":  # what a runtime must implement to run the file
+            from rtmdet.export.backends import tflite_operators
+
+            row["operators"] = tflite_operators(self.path)
+        return row
 
 
 def find_exports(export_dir: str | Path | None, qat_dir: str | Path | None = None) -> dict[str, Path]:

@@ -92,10 +92,14 @@ def _exported_section(reports: Path) -> list[str]:
     rows = [[f"`{name}`", *(fmt(formats[name].get(key), digits) for key, _, digits in FORMAT_COLUMNS)]
             for name in format_order([n for n in formats if isinstance(formats[n], dict)])]  # fmt: skip
     split = data.get("split", "valid")
+    ops = [f"Operators of `{name}` (what a runtime must implement): "
+           + ", ".join(f"{op} x{n}" for op, n in formats[name]["operators"].items()) + "."
+           for name in format_order(list(formats)) if name.endswith("int8")
+           and isinstance(formats[name], dict) and isinstance(formats[name].get("operators"), dict)]
     return lines + [f"Every format scored on {split} by the same evaluator (`metrics/verify.json`); "
                     "drop = torch mAP − the format's mAP.", "",
                     table(["format", *(h for _, h, _ in FORMAT_COLUMNS)], rows, align="l" + "r" * len(FORMAT_COLUMNS)),
-                    ""]  # fmt: skip
+                    "", *(line for op_line in ops for line in (op_line, ""))]  # fmt: skip
 
 
 def _qat_section(reports: Path) -> list[str]:
