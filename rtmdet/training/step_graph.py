@@ -31,6 +31,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from rtmdet.errors import first_line
+
 log = logging.getLogger(__name__)
 
 StepBody = Callable[[Tensor, Tensor, Tensor, Tensor], dict[str, Tensor]]
@@ -135,8 +137,7 @@ class StepGraphs:
         except Exception as exc:  # noqa: BLE001 - any capture failure: this bucket stays eager
             slot.failed = True
             log.warning("CUDA graph capture failed for batches of up to %d boxes per image (%s); those steps "
-                        "run eagerly", slot.labels.shape[1], str(exc).strip().splitlines()[0][:200] if str(exc) else
-                        type(exc).__name__)
+                        "run eagerly", slot.labels.shape[1], first_line(exc, 200))
             return
         slot.graph = graph
         self.captures += 1

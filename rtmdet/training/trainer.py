@@ -157,8 +157,8 @@ class _Run:
         if self.p.channels_last:
             teacher.to(memory_format=torch.channels_last)
         if self.info.is_main:
-            log.info("distilling from %s (%s, %s classes) into the neck, weight %g, tau %g%s", self.p.teacher,
-                     teacher.cfg.size if hasattr(teacher.cfg, "size") else "teacher", teacher.cfg.num_classes,
+            log.info("distilling from %s (RTMDet-%s, %s classes) into the neck, weight %g, tau %g%s", self.p.teacher,
+                     teacher.cfg.size, teacher.cfg.num_classes,
                      self.p.distill_weight, self.p.distill_tau, "" if self.p.distill_stage2 else "; not in stage 2")
         torch.manual_seed(self.p.seed)  # the same adapters on every rank and every resume
         return Distiller(teacher, net, self.p.distill_weight, self.p.distill_tau).to(self.device)
