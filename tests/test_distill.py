@@ -77,7 +77,7 @@ def test_a_teacher_of_other_classes_or_no_file_is_one_clear_line(tmp_path: Path)
     other = _save(build_model("tiny", 2, image_size=64), tmp_path / "two.pt", ["cat", "dog"])
     with pytest.raises(ConfigError, match=r"train.teacher .*two.pt: its classes \(cat, dog\) are not the dataset's "
                                           r"\(a, b, c\); a teacher must be trained on the same classes"):
-        load_teacher(other, ["a", "b", "c"], 64)
+        load_teacher(other, ["a", "b", "c"])
     root = make_dataset(tmp_path / "data", n_train=4, n_valid=2)
     params = TrainParams(epochs=1, batch_size=2, device="cpu", workers=0, teacher=str(tmp_path / "nope.pt"))
     with pytest.raises(ConfigError, match=r"nope.pt: no such checkpoint file, and not a model size \(nano, tiny"):

@@ -114,12 +114,8 @@ class Distiller(nn.Module):
         total = sum(channel_wise_divergence(s, normalize_channels(t), self.tau) for s, t in zip(student, teacher))
         return total * self.weight
 
-    def to(self, *args, **kwargs):  # noqa: D102 - the teacher follows the adapters
-        self.teacher[0].to(*args, **kwargs)
-        return super().to(*args, **kwargs)
 
-
-def load_teacher(path: str | Path, class_names: list[str], imgsz: int) -> RTMDet:
+def load_teacher(path: str | Path, class_names: list[str]) -> RTMDet:
     """The teacher detector of a checkpoint, checked against the student's data: the same classes
     in the same order (else one line naming the file and both lists)."""
     from rtmdet.models.checkpoint import class_names_of, load_model
@@ -129,6 +125,4 @@ def load_teacher(path: str | Path, class_names: list[str], imgsz: int) -> RTMDet
     if model.cfg.num_classes != len(class_names) or (names != list(class_names) and not names[0].startswith("class_")):
         raise ConfigError(f"train.teacher {path}: its classes ({', '.join(names)}) are not the dataset's "
                           f"({', '.join(class_names)}); a teacher must be trained on the same classes")
-    if imgsz % 32:
-        raise ConfigError(f"model.imgsz {imgsz}: must be a multiple of 32 for a teacher's maps to line up")
     return model

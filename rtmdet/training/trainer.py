@@ -153,7 +153,7 @@ class _Run:
         """train.teacher: the frozen teacher on this device, hooks on both necks, fresh adapters."""
         if not self.p.teacher:
             return None
-        teacher = load_teacher(self.p.teacher, self.dataset.classes, self.model_p.imgsz)
+        teacher = load_teacher(self.p.teacher, self.dataset.classes).to(self.device)
         if self.p.channels_last:
             teacher.to(memory_format=torch.channels_last)
         if self.info.is_main:
