@@ -24,7 +24,9 @@ TEACHER_JSON = Path("reports/train/teacher.json")
 def main() -> None:
     params = load_params(sections=("data", "model", "train"))
     dataset = load_prepared(Path("data/prepared"))
-    TEACHER_DIR.mkdir(parents=True, exist_ok=True)  # a DVC output, also when there is no teacher
+    TEACHER_DIR.mkdir(parents=True, exist_ok=True)  # a DVC output, also when there is no teacher:
+    # one line in it says which, so DVC never warns of an empty output folder
+    write_atomic(TEACHER_DIR / "teacher.txt", f"train.teacher: {params['train'].teacher or 'null'}\n".encode())
     result, teacher = train_with_teacher(params["data"], params["model"], params["train"], RUN_DIR, TEACHER_DIR,
                                          dataset=dataset, live_dir=Path("reports/train"))
     if int(os.environ.get("RANK", "0")) == 0:
