@@ -66,6 +66,7 @@ RTMDET_RECIPE: dict[str, Any] = {
     "stage2_val_interval": 5,
     "amp": "auto",
     "channels_last": True,
+    "gpus": 1,  # --rtmdet-set train.gpus=2 train.batch_size=16: the same total batch on two GPUs
 }
 SCORE_THR, NMS_IOU, MAX_DETS = 0.001, 0.65, 100
 YOLO_MODEL = "yolo11n.yaml"
@@ -350,7 +351,7 @@ def train_rtmdet(spec: dict[str, Any]) -> dict[str, Any]:
 
     from rtmdet.config import DataParams, as_dict
     from rtmdet.data.coco import load_dataset
-    from rtmdet.training import train
+    from rtmdet.training.launch import train_on_gpus
 
     over = spec["overrides"]
     train_p = parse_section("train", {**RTMDET_RECIPE, "epochs": spec["epochs"], "batch_size": spec["batch"],
@@ -358,7 +359,7 @@ def train_rtmdet(spec: dict[str, Any]) -> dict[str, Any]:
     size, variant = split_variant(spec["size"])
     model_p = parse_section("model", {"size": size, "imgsz": spec["imgsz"], **variant, **over["model"]})
     start = time.perf_counter()
-    run = train(DataParams(root=spec["data"]), model_p, train_p, Path(spec["work"]) / "train", progress=False)
+    run = train_on_gpus(DataParams(root=spec["data"]), model_p, train_p, Path(spec["work"]) / "train", progress=False)
     wall = time.perf_counter() - start
     mem, reserved = _peak_mem()
     dataset = load_dataset(spec["data"])

@@ -36,7 +36,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # a PYTHONPATH checkout comes first
 
 from rtmdet.config import DataParams, ModelParams, parse_section  # noqa: E402
-from rtmdet.data.loader import set_epoch  # noqa: E402
+from rtmdet.data.loader import set_epochs  # noqa: E402
 from rtmdet.training import distributed as dist_utils  # noqa: E402
 from rtmdet.training.trainer import _Run  # noqa: E402
 
@@ -68,20 +68,14 @@ class Driver:
     """Steps of the trainer's run on batches of stage 1, epoch after epoch as needed."""
 
     def __init__(self, run: _Run):
-        self.run, self.epoch = run, 0
-        set_epoch(run.loader, 0, 1)
+        self.run = run
+        set_epochs(run.loader, 0, 10_000, stage2_from=10_000)  # as the trainer: one pass over the epochs
         self.batches = iter(run.loader)
         self.data_wait = 0.0
 
     def next_batch(self):
         start = time.perf_counter()
-        try:
-            batch = next(self.batches)
-        except StopIteration:
-            self.epoch += 1
-            set_epoch(self.run.loader, self.epoch, 1)
-            self.batches = iter(self.run.loader)
-            batch = next(self.batches)
+        batch = next(self.batches)
         self.data_wait += time.perf_counter() - start
         return batch
 
@@ -174,6 +168,7 @@ def main() -> int:
             val.append({"seconds": total, "inference": inference,
                         "scoring": None if inference is None else total - inference, "mAP": metrics["mAP"]})
     dist_utils.barrier(info)
+    run.close()
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     result = {
         "label": args.label, "size": args.size, "imgsz": args.imgsz, "batch_per_gpu": args.batch,

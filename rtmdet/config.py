@@ -85,7 +85,7 @@ class TrainParams:
     amp: str = "auto"  # auto (bf16 where supported, else fp16 with a scaler), bf16, fp16, off
     grad_clip: float | None = None
     channels_last: bool = True
-    compile: bool | str = "auto"  # auto: on for one CUDA GPU, off on the CPU and with several GPUs
+    compile: bool | str = "auto"  # auto: on for CUDA GPUs, off on the CPU
     teacher: str | None = None  # distillation: a detector checkpoint, or a size trained first (runs/teacher)
     teacher_epochs: int | None = None  # a size's teacher trains this long (null: train.epochs)
     distill_weight: float = 1.0  # per neck level, channel-wise divergence of normalized features

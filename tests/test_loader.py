@@ -150,6 +150,22 @@ def test_skip_resumes_an_epoch_mid_way(records):
     assert _same(list(loader), whole[2:])
 
 
+def test_epochs_in_one_pass_are_the_epochs_one_by_one():
+    # The trainer iterates every remaining epoch in one pass (prefetching across epoch ends);
+    # it must be exactly the epochs it replaced, with the resumed epoch's skip and stage 2.
+    one = TrainBatchSampler(20, 4, seed=5, rank=1, world_size=2)
+    expected = []
+    for epoch, stage, skip in ((3, 1, 1), (4, 1, 0), (5, 2, 0), (6, 2, 0)):
+        one.set_epoch(epoch, stage, skip)
+        expected += list(one)
+    passes = TrainBatchSampler(20, 4, seed=5, rank=1, world_size=2)
+    passes.set_epochs(3, 7, stage2_from=5, skip=1)
+    assert len(passes) == len(expected) == 4 * 2 - 1 and list(passes) == expected
+    assert {k.stage for keys in expected for k in keys} == {1, 2}
+    with pytest.raises(ValueError, match="no epochs"):
+        passes.set_epochs(4, 4, stage2_from=0)
+
+
 def test_sampler_shards_ranks_and_covers_the_epoch():
     full = TrainBatchSampler(40, 4, seed=0)
     full.set_epoch(3)

@@ -103,6 +103,72 @@ def test_a_graphed_step_trains_like_the_eager_one(tmp_path: Path, caplog, distil
     assert all(type(g["lr"]) is float for g in ts["optimizer"]["param_groups"])
 
 
+def _agree_on_rank(rank: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from rtmdet.training.distributed import DistInfo, HostMax, broadcast_module
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        info = DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"), owns_group=False)
+        agree = HostMax(info)
+        buckets = [agree(box_bucket(m)) for m in ((3, 20, 40) if rank == 0 else (9, 5, 300))]
+        torch.manual_seed(rank)  # different weights per rank, until rank 0's are broadcast
+        net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+        net[1].running_mean.fill_(rank)
+        broadcast_module(net, info)
+        out.put((rank, buckets, [t.tolist() for t in net.state_dict().values()]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_one_bucket_and_start_from_rank_0s_weights():
+    # Graphs on several GPUs: each replay holds a captured all-reduce, so every rank must replay
+    # the same bucket's graph at each step; and with no DDP wrapper, rank 0's weights are
+    # broadcast at the start.
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_agree_on_rank, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, rest) for r, *rest in (out.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    assert results[0][0] == results[1][0] == [16, 32, 512]
+    assert results[0][1] == results[1][1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_graphs_on_two_gpus_keep_the_ranks_in_step(tmp_path: Path, capfd):
+    # Two ranks (train.gpus 2, the train stage's own launcher), each replaying graphs that hold
+    # the gradient all-reduce. Every epoch's end compares the ranks' weights bit for bit
+    # (TrainingError if they differ): with a lost all-reduce, each rank would step on its own
+    # half of the batch and the run would stop at epoch 1.
+    from rtmdet.training.launch import train_on_gpus
+
+    root = make_dataset(tmp_path / "data", n_train=32, n_valid=4)
+    params = dict(epochs=2, batch_size=4, base_batch_size=8, lr=0.004, warmup_iters=4, stage2_epochs=1, workers=0,
+                  val_interval=2, seed=0, device="cuda", amp="off", channels_last=False, gpus=2, sync_bn=False)
+    args = (DataParams(root=str(root)), ModelParams(size="nano", imgsz=64))
+    graphed = train_on_gpus(*args, TrainParams(**params, compile=True, compile_mode="graph"), tmp_path / "graph",
+                            progress=False)
+    err = capfd.readouterr().err
+    assert err.count("captured the training step as CUDA graph 1") >= 1 and "weights differ" not in err
+    assert read_checkpoint(graphed.last)["train_state"]["finished"]
+    # Not asserted, not yet explained: eager DDP from the same start ended elsewhere (max per-tensor
+    # relative difference 2.2 after 8 steps; measured once on 2 H200s, kernels not deterministic).
+    # Suspected: AdamW's first steps move a weight by about lr whatever its gradient's size, so
+    # kernel noise in a near-zero gradient's sign decides them. Next: the same pair deterministic.
+
+
 def test_closing_a_loader_stops_its_persistent_workers_at_once(tmp_path: Path):
     # Persistent workers left to the interpreter's exit cost up to 5 s each with a pin-memory
     # thread (torch's shutdown path): the trainer closes its loaders itself when a run ends.

@@ -8,6 +8,11 @@ How the trainer drives it:
         set_epoch(loader, epoch, stage=2 if epoch >= epochs - stage2_epochs else 1)
         for batch in loader: ...
 
+or, as the trainer does, every epoch in one pass (the workers prefetch across the epochs' ends):
+
+    set_epochs(loader, 0, epochs, stage2_from=epochs - stage2_epochs)
+    batches = iter(loader)  # epoch after epoch of batches_per_epoch() batches
+
 The epoch and stage travel inside every sample key that the batch sampler (in the main
 process) sends to the workers, so persistent workers switch to stage 2 without being rebuilt,
 and a batch is the same for 0, 1 or 8 workers (see rtmdet.data.pipeline).
@@ -166,6 +171,7 @@ class TrainBatchSampler(Sampler[list[SampleKey]]):
         self.n, self.batch_size, self.seed, self.shuffle = num_records, batch_size, seed, shuffle
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
         self.epoch, self.stage, self.skip = 0, 1, 0
+        self.end_epoch, self.stage2_from = 1, 1 << 62  # one epoch of stage 1
 
     def set_epoch(self, epoch: int, stage: int = 1, skip: int = 0) -> None:
         """Choose the epoch (the shuffle and every random draw), the pipeline stage (1 or 2) and
@@ -173,6 +179,17 @@ class TrainBatchSampler(Sampler[list[SampleKey]]):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
         self.epoch, self.stage, self.skip = int(epoch), int(stage), max(int(skip), 0)
+        self.end_epoch, self.stage2_from = self.epoch + 1, self.epoch if stage == 2 else 1 << 62
+
+    def set_epochs(self, start: int, end: int, stage2_from: int, skip: int = 0) -> None:
+        """Iterate epochs start..end-1 in one pass (stage 2 from epoch stage2_from on), leaving out
+        the first `skip` batches of the first: the workers prefetch across the epochs' ends, so a
+        new epoch does not wait for its first batches (with a few batches per epoch, that wait
+        was a third of a GPU's step time)."""
+        if end <= start:
+            raise ValueError(f"no epochs to iterate: {start}..{end}")
+        self.set_epoch(start, 2 if start >= stage2_from else 1, skip)
+        self.end_epoch, self.stage2_from = int(end), int(stage2_from)
 
     def batches_per_epoch(self) -> int:
         """Batches of a whole epoch on this rank."""
@@ -182,24 +199,29 @@ class TrainBatchSampler(Sampler[list[SampleKey]]):
         return math.ceil(self.n / per_round)
 
     def __len__(self) -> int:
-        return max(self.batches_per_epoch() - self.skip, 0)
+        return max(self.batches_per_epoch() * (self.end_epoch - self.epoch) - self.skip, 0)
 
-    def order(self) -> np.ndarray:
-        """Dataset indices in this epoch's order."""
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        """Dataset indices in an epoch's order (default: the first epoch set)."""
         if not self.shuffle:
             return np.arange(self.n)
-        seq = np.random.SeedSequence([self.seed, self.epoch], spawn_key=(1,))
+        seq = np.random.SeedSequence([self.seed, self.epoch if epoch is None else epoch], spawn_key=(1,))
         return np.random.Generator(np.random.PCG64(seq)).permutation(self.n)
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        order = self.order()
-        for i in range(self.skip, self.batches_per_epoch()):
+        for epoch in range(self.epoch, self.end_epoch):
+            yield from self._epoch(epoch, self.skip if epoch == self.epoch else 0)
+
+    def _epoch(self, epoch: int, skip: int) -> Iterator[list[SampleKey]]:
+        order = self.order(epoch)
+        stage = 2 if epoch >= self.stage2_from else 1
+        for i in range(skip, self.batches_per_epoch()):
             start = (i * self.world_size + self.rank) * self.batch_size  # global batch start
             keys = []
             # Batches are always full: positions past the end wrap around (like DistributedSampler).
             for p in range(start, start + self.batch_size):
                 history = tuple(int(order[q % self.n]) for q in range(p - WARMUP_HISTORY, p)) if p == start else ()
-                keys.append(SampleKey(self.seed, self.epoch, self.stage, p, int(order[p % self.n]), history))
+                keys.append(SampleKey(self.seed, epoch, stage, p, int(order[p % self.n]), history))
             yield keys
 
 
@@ -212,6 +234,14 @@ def set_epoch(loader: DataLoader, epoch: int, stage: int = 1, skip: int = 0) -> 
     if not isinstance(sampler, TrainBatchSampler):
         raise TypeError("set_epoch needs a training loader made by build_dataloader")
     sampler.set_epoch(epoch, stage, skip)
+
+
+def set_epochs(loader: DataLoader, start: int, end: int, stage2_from: int, skip: int = 0) -> None:
+    """Epochs start..end-1 as one iteration of a training loader (see TrainBatchSampler.set_epochs)."""
+    sampler = loader.batch_sampler
+    if not isinstance(sampler, TrainBatchSampler):
+        raise TypeError("set_epochs needs a training loader made by build_dataloader")
+    sampler.set_epochs(start, end, stage2_from, skip)
 
 
 def _stack_images(images: list[torch.Tensor]) -> torch.Tensor:

@@ -84,11 +84,11 @@ def compile_model(module: nn.Module, mode: str):
     return torch.compile(module, mode=None if mode == "default" else mode)
 
 
-def compile_enabled(setting: bool | str, device: torch.device, world_size: int = 1) -> bool:
-    """train.compile: auto = on for one CUDA GPU (a launch-bound step gains most), off on the CPU
-    (compiling takes longer than a short CPU run saves) and, until measured, with several ranks."""
+def compile_enabled(setting: bool | str, device: torch.device) -> bool:
+    """train.compile: auto = on for CUDA GPUs (a launch-bound step gains most), off on the CPU
+    (compiling takes longer than a short CPU run saves)."""
     if setting == "auto":
-        return device.type == "cuda" and world_size == 1
+        return device.type == "cuda"
     if isinstance(setting, bool):
         return setting
     raise ConfigError(f"train.compile {setting!r}: use auto, true or false")

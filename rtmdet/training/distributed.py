@@ -117,3 +117,38 @@ def average_gradients(module: torch.nn.Module, info: DistInfo) -> None:
     dist.all_reduce(flat)
     flat /= info.world_size
     torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(flat.split([g.numel() for g in grads]), grads)])
+
+
+def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does when it wraps a module)."""
+    if info.distributed:
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t, src=0)
+
+
+class HostMax:
+    """The largest of an integer over every rank, through a CPU (gloo) group: agreement on a step's
+    shape without a CUDA sync. Every rank must create it, and call it at the same steps."""
+
+    def __init__(self, info: DistInfo):
+        self.group = dist.new_group(backend="gloo") if info.distributed else None
+
+    def __call__(self, value: int) -> int:
+        if self.group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return int(t.item())
+
+
+def same_on_every_rank(tensors: list[torch.Tensor], info: DistInfo) -> bool:
+    """True when every rank holds the same values (compared through one float64 checksum: bitwise
+    equal weights give bitwise equal sums). Every rank must call it."""
+    if not info.distributed:
+        return True
+    with torch.no_grad():
+        total = torch.stack([t.detach().double().sum() for t in tensors]).sum()
+        both = torch.stack([total, -total])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)  # [max, -min]
+    return bool(both[0] == -both[1])

@@ -17,6 +17,12 @@ What a graph needs, and how the trainer provides it:
 * a few eager warm-up steps per bucket on a side stream (cuDNN autotuning, lazy state) before
   capturing; those are real training steps, not discarded work.
 
+Several ranks (one process per GPU): the body all-reduces the gradients itself (NCCL, captured
+in the graph like any kernel; no DDP reducer, whose bucketing runs on the host), so every rank
+must replay the same graphs in the same order: `agree` makes the ranks pick one bucket per step
+(the largest any rank needs, through a CPU group), and warm-up and capture happen on every rank at
+the same step.
+
 All graphs share one memory pool: they are replayed one at a time on one stream, and every
 graph's outputs stay referenced, so one graph's scratch memory can be another's.
 """
@@ -61,10 +67,12 @@ class StepGraphs:
     The optimizer's param groups get one shared device tensor as lr; `__call__` fills it with
     the step's lr. `captures` counts the graphs built."""
 
-    def __init__(self, body: StepBody, optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = 2):
+    def __init__(self, body: StepBody, optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = 2,
+                 agree: Callable[[int], int] | None = None):
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.body, self.optimizer, self.device, self.warmup = body, optimizer, device, warmup
+        self.agree = agree  # several ranks: every rank's bucket -> the one they all use (HostMax)
         self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
         for group in optimizer.param_groups:
             group["lr"] = self.lr  # AdamW reads a tensor lr on the device: the graph sees each new value
@@ -80,8 +88,19 @@ class StepGraphs:
         for group in self.optimizer.param_groups:
             group["lr"] = value
 
+    def close(self) -> None:
+        """Free the graphs (before the process group ends: their captured all-reduces hold its
+        NCCL communicator)."""
+        torch.cuda.synchronize(self.device)
+        for slot in self.graphs.values():
+            if slot.graph is not None:
+                slot.graph.reset()
+        self.graphs.clear()
+
     def _slot(self, images: Tensor, boxes: Tensor, variant: object) -> _Graph:
         bucket = box_bucket(boxes.shape[1])
+        if self.agree is not None:
+            bucket = self.agree(bucket)
         key = (tuple(images.shape), images.dtype, bucket, variant)
         slot = self.graphs.get(key)
         if slot is None:

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from rtmdet.config import DataParams, ModelParams, TrainParams
-from rtmdet.data.loader import TrainBatchSampler, TrainDataset, build_dataloader, set_epoch
+from rtmdet.data.loader import TrainBatchSampler, TrainDataset, build_dataloader, set_epochs
 from rtmdet.data.pipeline import PipelineConfig
 from rtmdet.data.records import DetectionDataset
 from rtmdet.errors import RTMDetError, first_line
@@ -123,22 +123,30 @@ class _Run:
         if p.channels_last:
             net.to(memory_format=torch.channels_last)
         self.ema = ExpMomentumEMA(net, p.ema_momentum, p.ema_gamma) if p.ema else None
-        if sync_bn_enabled(p.sync_bn, p.batch_size, info.world_size, self.device):
+        sync_bn = sync_bn_enabled(p.sync_bn, p.batch_size, info.world_size, self.device)
+        if sync_bn:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # keeps the same parameter tensors
         self.net = net
         self.distiller = self._build_distiller(net)
         self.distilling = self.distiller is not None
-        trained = net if self.distiller is None else torch.nn.ModuleList([net, self.distiller.adapters])
+        self.trained = net if self.distiller is None else torch.nn.ModuleList([net, self.distiller.adapters])
         self.lr = scaled_lr(p, self.total_batch)
-        self.optimizer = build_optimizer(trained, self.lr, p.weight_decay, self.device)
+        self.optimizer = build_optimizer(self.trained, self.lr, p.weight_decay, self.device)
         self.amp = amp_dtype(p.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        self.compiled = compile_enabled(p.compile, self.device)
+        self.graph_blocker = self._graph_blocker(sync_bn)
+        self.graphed = self.compiled and p.compile_mode in GRAPH_MODES and self.graph_blocker is None
         if resume is not None:
             self._restore(resume)
         else:
             seed_everything(p.seed + info.rank)  # per-rank streams; the data pipeline has its own seeds
         self.ddp = None
-        if info.distributed:
+        if info.distributed and self.graphed:
+            # The step graphs all-reduce the gradients themselves (no DDP reducer in a capture):
+            # start every rank from rank 0's weights, as DDP would.
+            dist_utils.broadcast_module(self.trained, info)
+        elif info.distributed:
             # Only rank 0's BN statistics are ever saved (EMA) or validated, and training-mode BN
             # never reads them: nothing to broadcast each step, with or without SyncBN.
             # (torch > 2.11 renames broadcast_buffers and warns; the old name works in both.)
@@ -148,6 +156,16 @@ class _Run:
                     net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                     broadcast_buffers=False, gradient_as_bucket_view=True)
         self.eager = self.ddp or net
+
+    def _graph_blocker(self, sync_bn: bool) -> str | None:
+        """Why the step cannot be a CUDA graph here (None: it can)."""
+        if self.device.type != "cuda":
+            return "it needs a CUDA GPU"
+        if self.scaler is not None:
+            return "fp16 needs a gradient scaler, which syncs with the host"
+        if sync_bn:
+            return "SyncBatchNorm (train.sync_bn) is not captured"
+        return None
 
     def _build_distiller(self, net: torch.nn.Module) -> Distiller | None:
         """train.teacher: the frozen teacher on this device, hooks on both necks, fresh adapters."""
@@ -169,7 +187,6 @@ class _Run:
         self.priors = make_priors([(s // k, s // k) for k in self.net.strides], self.net.strides, device=self.device)
         records = self.dataset.splits["train"].records
         train_ds = TrainDataset(records, PipelineConfig.for_size(self.model_p.size, s))
-        self.compiled = compile_enabled(p.compile, self.device, self.info.world_size)
         self.loader = build_dataloader(train_ds, p.batch_size, num_workers=p.workers, seed=p.seed,
                                        rank=self.info.rank, world_size=self.info.world_size)
         valid = self.dataset.splits.get("valid")
@@ -192,15 +209,18 @@ class _Run:
         self.first_step = True
         if not self.compiled:
             return
-        if mode in GRAPH_MODES:
-            why = ("it needs one CUDA GPU" if self.device.type != "cuda" or self.info.distributed
-                   else "fp16 needs a gradient scaler, which syncs with the host" if self.scaler else None)
-            if why is None:
-                self.graphs = StepGraphs(self._graph_body, self.optimizer, self.device)
-                self.criterion.phase = self.phase.off  # never a synchronizing timer inside a capture
-            else:
-                log.info("train.compile_mode %s: %s; compiling the model alone (inductor)", mode, why)
-                mode = "default"
+        if self.graphed:
+            agree = dist_utils.HostMax(self.info) if self.info.distributed else None
+            self.graphs = StepGraphs(self._graph_body, self.optimizer, self.device, agree=agree)
+            self.criterion.phase = self.phase.off  # never a synchronizing timer inside a capture
+        elif mode in GRAPH_MODES:
+            if self.info.distributed:  # unmeasured: torch.compile under DDP
+                if self.info.is_main:
+                    log.info("train.compile_mode %s: %s; training eagerly", mode, self.graph_blocker)
+                self.compiled = False
+                return
+            log.info("train.compile_mode %s: %s; compiling the model alone (inductor)", mode, self.graph_blocker)
+            mode = "default"
         self.model_fn = compile_model(self.eager, mode)
 
     def _loss_sums(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -264,25 +284,34 @@ class _Run:
             log.info("resuming %s at epoch %d, batch %d of %d (iteration %d)", self.last_path, self.epoch + 1,
                      self.batch, self.iters_per_epoch, self.global_iter)
         self.live = LiveLogger(self.live_dir if self.info.is_main else None, resume=resume is not None)
+        # Every remaining epoch in one pass of the loader: its workers prefetch across epoch ends.
+        set_epochs(self.loader, self.epoch, self.p.epochs, self.p.epochs - self.p.stage2_epochs, skip=self.batch)
+        self.batches = iter(self.loader)
         try:
             for epoch in range(self.epoch, self.p.epochs):
                 self._train_epoch(epoch)
                 self._end_epoch(epoch)
         finally:
             self.live.close()
-            self.loader.close()  # now, not at exit (where torch waits seconds per worker)
-            if self.validator is not None:
-                self.validator.loader.close()
+            self.close()
         return self._result(resumed=resume is not None)
+
+    def close(self) -> None:
+        """Stop the loaders' workers now, not at exit (where torch waits seconds per worker), and
+        free the step graphs before the process group ends."""
+        self.loader.close()
+        if self.validator is not None:
+            self.validator.loader.close()
+        if self.graphs is not None:
+            self.graphs.close()
 
     def _stage(self, epoch: int) -> int:
         return 2 if epoch >= self.p.epochs - self.p.stage2_epochs else 1
 
     def _train_epoch(self, epoch: int) -> None:
         skip = self.batch  # non-zero only for the epoch a mid-epoch checkpoint resumes
-        # The batch order is a pure function of (seed, epoch): skipping the first `skip` batches
-        # gives exactly the rest of an interrupted epoch, without decoding the skipped images.
-        set_epoch(self.loader, epoch, self._stage(epoch), skip=skip)
+        # The batch order is a pure function of (seed, epoch): the loader left out the first
+        # `skip` batches, exactly the rest of an interrupted epoch, without decoding them.
         self.distilling = self.distiller is not None and (self._stage(epoch) == 1 or self.p.distill_stage2)
         self.net.train()
         self.meter = LossMeter(self.meter_state if skip else None)
@@ -291,11 +320,10 @@ class _Run:
         self.bar = tqdm(total=n, initial=skip, desc=f"epoch {epoch + 1}/{self.p.epochs}", unit="it",
                         disable=not (self.progress and self.info.is_main), dynamic_ncols=True, leave=False)
         start = time.perf_counter()
-        batches = iter(self.loader)
         with self.bar:
             for k in range(skip, n):
                 with self.phase("data"):
-                    batch = next(batches)
+                    batch = next(self.batches)
                 self._step(batch)
                 kill_point("train:step")
                 self.global_iter += 1
@@ -372,6 +400,8 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=False)  # the graphs accumulate into persistent grads
         losses = self._losses(self._loss_sums(images, boxes, labels))
         losses["loss"].backward()
+        if self.info.distributed:
+            dist_utils.average_gradients(self.trained, self.info)  # NCCL, captured with the rest
         if self.p.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.p.grad_clip, foreach=True)
         self.optimizer.step()
@@ -383,7 +413,9 @@ class _Run:
         losses = self._losses(self._loss_sums(images, boxes, labels))
         with self.phase("backward"):
             (self.scaler.scale(losses["loss"]) if self.scaler else losses["loss"]).backward()
-        if self.distilling and self.info.distributed:
+        if self.info.distributed and self.ddp is None:  # a graphed run's eager steps
+            dist_utils.average_gradients(self.trained, self.info)
+        elif self.distilling and self.info.distributed:
             dist_utils.average_gradients(self.distiller.adapters, self.info)  # not inside DDP
         return losses
 
@@ -435,6 +467,10 @@ class _Run:
             return self.validator(self.ema.module if self.ema is not None else self.net)
 
     def _end_epoch(self, epoch: int) -> None:
+        if self.graphs is not None and not dist_utils.same_on_every_rank(list(self.trained.parameters()), self.info):
+            # Graphed ranks average their gradients inside the graphs (no DDP to keep them equal).
+            raise TrainingError(f"epoch {epoch + 1}: the ranks' weights differ (their gradient all-reduce did not "
+                                f"hold); train.compile: false trains with DDP instead")
         means = self.meter.means()
         metrics: dict[str, float | None] = {f"train/{k}": v for k, v in means.items()
                                             if k != "loss_distill" or self.distiller is not None}
