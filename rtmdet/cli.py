@@ -15,6 +15,7 @@ COMMANDS = (
     "rtmdet.inference.predict",
     "rtmdet.data.check",
     "rtmdet.data.show",
+    "rtmdet.data.crops",
     "rtmdet.evaluation.command",
     "rtmdet.training.command",
     "rtmdet.export.command",
