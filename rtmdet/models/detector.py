@@ -31,6 +31,7 @@ class ModelConfig:
     normalization: str  # "imagenet" (mmdetection's BGR mean/std) or "unit" (x / 255)
     exp_on_reg: bool
     image_size: int  # the training/inference square size
+    task: str = "detect"  # detect (boxes) or rotate (RTMDet-R's rotated boxes): picks the head in TASK_HEADS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +53,15 @@ SIZES: dict[str, ModelConfig] = {
 }
 
 
+def _task_heads() -> dict[str, type[nn.Module]]:
+    from rtmdet.models.head_rotated import RotatedRTMDetSepBNHead
+
+    return {"detect": RTMDetSepBNHead, "rotate": RotatedRTMDetSepBNHead}
+
+
+TASKS = ("detect", "rotate")
+
+
 class RTMDet(nn.Module):
     """CSPNeXt + CSPNeXtPAFPN + RTMDetSepBNHead. forward(normalized images) -> raw head maps."""
 
@@ -62,7 +72,7 @@ class RTMDet(nn.Module):
         self.cfg = cfg
         self.backbone = CSPNeXt(cfg.deepen, cfg.widen, cfg.act, cfg.channel_attention)
         self.neck = CSPNeXtPAFPN(self.backbone.out_channels, cfg.channels, scaled_blocks(3, cfg.deepen), cfg.act)
-        self.bbox_head = RTMDetSepBNHead(cfg.num_classes, cfg.channels, 2, cfg.act, cfg.exp_on_reg)
+        self.bbox_head = _task_heads()[cfg.task](cfg.num_classes, cfg.channels, 2, cfg.act, cfg.exp_on_reg)
         self.strides = STRIDES
         mean, std = NORMALIZATIONS[cfg.normalization]
         # Like mmdetection's data preprocessor: buffers that follow .to(device) but stay out of
@@ -74,8 +84,9 @@ class RTMDet(nn.Module):
         """[N, 3, H, W] BGR uint8 (or float 0..255) -> the normalized float input of forward."""
         return (images_uint8.float() - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per level (strides 8, 16, 32): class logits [N, C, H/s, W/s], distances [N, 4, H/s, W/s]."""
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
+        """Per level (strides 8, 16, 32): class logits [N, C, H/s, W/s], distances [N, 4, H/s, W/s]
+        (and for task rotate, angles [N, 1, H/s, W/s])."""
         return self.bbox_head(self.neck(self.backbone(images)))
 
 
@@ -86,8 +97,11 @@ def model_config(
     channel_attention: bool | None = None,
     normalization: str | None = None,
     image_size: int | None = None,
+    task: str | None = None,
 ) -> ModelConfig:
     """The size's defaults with the given knobs changed; validates every value."""
+    if task is not None and task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
     if size not in SIZES:
         raise ConfigError(f"unknown model size {size!r}; valid sizes: {', '.join(SIZES)}")
     if act is not None and act not in ACTIVATIONS:
@@ -100,14 +114,15 @@ def model_config(
         raise ConfigError(f"image size must be a positive multiple of 32, got {image_size}")
     base = SIZES[size]
     changes = {"num_classes": num_classes, "act": act, "channel_attention": channel_attention,
-               "normalization": normalization, "image_size": image_size}
+               "normalization": normalization, "image_size": image_size, "task": task}
     return replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
 def build_model(size: str, num_classes: int = 80, act: str | None = None, **knobs) -> RTMDet:
     """Build an RTMDet of a size (nano, tiny, s, m, l, x); act None keeps the size's default.
 
-    Further knobs: channel_attention (bool), normalization ("imagenet" or "unit"), image_size.
+    Further knobs: channel_attention (bool), normalization ("imagenet" or "unit"), image_size, task
+    ("detect", or "rotate" for RTMDet-R's rotated-box head).
     """
     return RTMDet(model_config(size, num_classes, act, **knobs))
 

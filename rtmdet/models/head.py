@@ -64,15 +64,24 @@ class RTMDetSepBNHead(nn.Module):
             nn.init.normal_(conv.weight, 0.0, 0.01)
             nn.init.constant_(conv.bias, prior_bias)
 
+    def branches(self, lvl: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A level's classification and regression features (what the predictors read)."""
+        cls_feat, reg_feat = x, x
+        for layer in self.cls_convs[lvl]:
+            cls_feat = layer(cls_feat)
+        for layer in self.reg_convs[lvl]:
+            reg_feat = layer(reg_feat)
+        return cls_feat, reg_feat
+
+    def distances(self, lvl: int, reg_feat: torch.Tensor) -> torch.Tensor:
+        """A level's (left, top, right, bottom) distances in pixels."""
+        reg = self.rtm_reg[lvl](reg_feat)
+        return (reg.exp() if self.exp_on_reg else reg) * self.strides[lvl]
+
     def forward(self, feats: tuple[torch.Tensor, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         cls_scores, bbox_preds = [], []
-        for lvl, (x, stride) in enumerate(zip(feats, self.strides)):
-            cls_feat, reg_feat = x, x
-            for layer in self.cls_convs[lvl]:
-                cls_feat = layer(cls_feat)
-            for layer in self.reg_convs[lvl]:
-                reg_feat = layer(reg_feat)
-            reg = self.rtm_reg[lvl](reg_feat)
+        for lvl, x in enumerate(feats):
+            cls_feat, reg_feat = self.branches(lvl, x)
             cls_scores.append(self.rtm_cls[lvl](cls_feat))
-            bbox_preds.append((reg.exp() if self.exp_on_reg else reg) * stride)
+            bbox_preds.append(self.distances(lvl, reg_feat))
         return cls_scores, bbox_preds
