@@ -6,15 +6,12 @@ on screen, where y points down), as mmrotate's; normalized to [-pi/2, pi/2) ("le
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from rtmdet.geometry.rotated import norm_angle_le90
 
-def norm_angle_le90(angle: Tensor) -> Tensor:
-    """Angles into [-pi/2, pi/2) (mmrotate's norm_angle for le90, with torch's % semantics)."""
-    return (angle + math.pi / 2) % math.pi - math.pi / 2
+__all__ = ["decode_rotated", "norm_angle_le90"]
 
 
 def decode_rotated(points: Tensor, distances: Tensor, angles: Tensor) -> Tensor:

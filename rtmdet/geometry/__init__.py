@@ -1,0 +1,1 @@
+"""Geometry shared by tasks: rotated boxes (rtmdet.geometry.rotated)."""
