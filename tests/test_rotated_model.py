@@ -78,5 +78,5 @@ def test_task_is_a_model_knob_kept_in_the_config():
     outs = model(torch.randn(1, 3, 64, 64))
     assert [o[0].shape[1] for o in outs] == [3, 4, 1]
     assert build_model("nano", 3).cfg.task == "detect"
-    with pytest.raises(ConfigError, match="unknown task 'segment'; valid tasks: detect, rotate"):
-        build_model("nano", 3, task="segment")
+    with pytest.raises(ConfigError, match="unknown task 'pose'; valid tasks: detect, segment, rotate"):
+        build_model("nano", 3, task="pose")

@@ -31,7 +31,7 @@ class ModelConfig:
     normalization: str  # "imagenet" (mmdetection's BGR mean/std) or "unit" (x / 255)
     exp_on_reg: bool
     image_size: int  # the training/inference square size
-    task: str = "detect"  # detect (boxes) or rotate (RTMDet-R's rotated boxes): picks the head in TASK_HEADS
+    task: str = "detect"  # detect (boxes), segment (RTMDet-Ins) or rotate (RTMDet-R): picks the head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,12 +54,13 @@ SIZES: dict[str, ModelConfig] = {
 
 
 def _task_heads() -> dict[str, type[nn.Module]]:
+    from rtmdet.models.head_ins import RTMDetInsSepBNHead
     from rtmdet.models.head_rotated import RotatedRTMDetSepBNHead
 
-    return {"detect": RTMDetSepBNHead, "rotate": RotatedRTMDetSepBNHead}
+    return {"detect": RTMDetSepBNHead, "segment": RTMDetInsSepBNHead, "rotate": RotatedRTMDetSepBNHead}
 
 
-TASKS = ("detect", "rotate")
+TASKS = ("detect", "segment", "rotate")
 
 
 class RTMDet(nn.Module):
@@ -86,7 +87,8 @@ class RTMDet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
         """Per level (strides 8, 16, 32): class logits [N, C, H/s, W/s], distances [N, 4, H/s, W/s]
-        (and for task rotate, angles [N, 1, H/s, W/s])."""
+        (task rotate: and angles [N, 1, H/s, W/s]; task segment: and kernels [N, 169, H/s, W/s],
+        then the mask features [N, 8, H/8, W/8])."""
         return self.bbox_head(self.neck(self.backbone(images)))
 
 
@@ -122,7 +124,7 @@ def build_model(size: str, num_classes: int = 80, act: str | None = None, **knob
     """Build an RTMDet of a size (nano, tiny, s, m, l, x); act None keeps the size's default.
 
     Further knobs: channel_attention (bool), normalization ("imagenet" or "unit"), image_size, task
-    ("detect", or "rotate" for RTMDet-R's rotated-box head).
+    ("detect"; "segment" for RTMDet-Ins's head; "rotate" for RTMDet-R's).
     """
     return RTMDet(model_config(size, num_classes, act, **knobs))
 

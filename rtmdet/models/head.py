@@ -28,15 +28,13 @@ class RTMDetSepBNHead(nn.Module):
         self.num_classes = num_classes
         self.strides = strides
         self.exp_on_reg = exp_on_reg
-        self.cls_convs = nn.ModuleList()
-        self.reg_convs = nn.ModuleList()
-        self.rtm_cls = nn.ModuleList()
-        self.rtm_reg = nn.ModuleList()
-        for _ in strides:
-            self.cls_convs.append(nn.ModuleList(ConvModule(channels, channels, 3, act=act) for _ in range(stacked_convs)))
-            self.reg_convs.append(nn.ModuleList(ConvModule(channels, channels, 3, act=act) for _ in range(stacked_convs)))
-            self.rtm_cls.append(nn.Conv2d(channels, num_classes, 1))
-            self.rtm_reg.append(nn.Conv2d(channels, 4, 1))
+        # Registration order is the state dict's order: mmdetection's, hooks included.
+        self.cls_convs = nn.ModuleList(self._tower(channels, stacked_convs, act) for _ in strides)
+        self.reg_convs = self._reg_towers(channels, stacked_convs, act)
+        self._add_towers(channels, stacked_convs, act)
+        self.rtm_cls = nn.ModuleList(nn.Conv2d(channels, num_classes, 1) for _ in strides)
+        self.rtm_reg = nn.ModuleList(nn.Conv2d(channels, 4, 1) for _ in strides)
+        self._add_predictors(channels)
         # share_conv: every level uses level 0's conv modules; BN stays separate. state_dict()
         # then lists the shared weights under each level too, exactly like mmdetection.
         for lvl in range(1, len(strides)):
@@ -44,6 +42,20 @@ class RTMDetSepBNHead(nn.Module):
                 self.cls_convs[lvl][i].conv = self.cls_convs[0][i].conv
                 self.reg_convs[lvl][i].conv = self.reg_convs[0][i].conv
         self.init_weights()
+
+    @staticmethod
+    def _tower(channels: int, stacked_convs: int, act: str) -> nn.ModuleList:
+        return nn.ModuleList(ConvModule(channels, channels, 3, act=act) for _ in range(stacked_convs))
+
+    def _reg_towers(self, channels: int, stacked_convs: int, act: str) -> nn.ModuleList:
+        """The regression branch's per-level convs (RTMDet: its own)."""
+        return nn.ModuleList(self._tower(channels, stacked_convs, act) for _ in self.strides)
+
+    def _add_towers(self, channels: int, stacked_convs: int, act: str) -> None:
+        """Further per-level conv branches, between reg_convs and rtm_cls (task heads)."""
+
+    def _add_predictors(self, channels: int) -> None:
+        """Further per-level predictors, after rtm_reg (task heads)."""
 
     def init_weights(self) -> None:
         """mmdetection's head init: N(0, 0.01) convs, BN at 1/0, class bias at prior 0.01."""
