@@ -80,3 +80,17 @@ def test_task_is_a_model_knob_kept_in_the_config():
     assert build_model("nano", 3).cfg.task == "detect"
     with pytest.raises(ConfigError, match="unknown task 'pose'; valid tasks: detect, segment, rotate"):
         build_model("nano", 3, task="pose")
+
+
+@pytest.mark.parametrize("task", ["rotate", "segment"])
+def test_task_checkpoints_are_recognized_and_refused_where_unsupported(tmp_path, task):
+    from rtmdet.errors import CheckpointError
+    from rtmdet.models.checkpoint import infer_config, load_model
+
+    model = build_model("tiny", 5, task=task)
+    path = tmp_path / "mm.pth"
+    torch.save({"state_dict": model.state_dict()}, path)  # an OpenMMLab checkpoint: weights, no rtmdet meta
+    cfg = infer_config(model.state_dict())
+    assert (cfg.size, cfg.num_classes, cfg.task) == ("tiny", 5, task)
+    with pytest.raises(CheckpointError, match=f"an RTMDet {task} model; prediction, evaluation and export handle"):
+        load_model(path)

@@ -89,7 +89,9 @@ def infer_config(sd: dict[str, torch.Tensor], path: str | Path = "") -> ModelCon
         if int(64 * cfg.widen) == stem and cfg.channel_attention == attention:
             blocks = sum(k.startswith("backbone.stage2.1.blocks.") and k.endswith("conv1.conv.weight") for k in sd)
             if blocks == max(round(6 * cfg.deepen), 1):
-                return model_config(size, num_classes)
+                task = ("segment" if "bbox_head.rtm_kernel.0.weight" in sd
+                        else "rotate" if "bbox_head.rtm_ang.0.weight" in sd else "detect")
+                return model_config(size, num_classes, task=task)
     raise CheckpointError(f"{path}: RTMDet weights of an unknown size (stem width {stem}, attention {attention})")
 
 
@@ -179,6 +181,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RT
     """Build the model a checkpoint describes, load its weights, eval mode; returns (model, ckpt)."""
     ckpt = read_checkpoint(path)
     cfg = config_from_checkpoint(ckpt, path)
+    if cfg.task != "detect":
+        raise CheckpointError(f"{path}: an RTMDet {cfg.task} model; prediction, evaluation and export handle box "
+                              f"detection only so far (build it with build_model({cfg.size!r}, {cfg.num_classes}, "
+                              f"task={cfg.task!r}) and load its state_dict)")
     model = RTMDet(cfg)
     sd = extract_state_dict(ckpt, path)
     _check_keys(model, sd, path, strict=True)
