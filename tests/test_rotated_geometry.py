@@ -91,3 +91,18 @@ def test_rotated_nms_keeps_the_best_of_each_overlapping_group_per_class():
     assert rotated_nms(boxes, scores, 0.5).tolist() == [1, 2]
     assert rotated_nms(boxes, scores, 0.5, labels=torch.tensor([0, 0, 0, 1])).tolist() == [1, 3, 2]
     assert rotated_nms(boxes[:0], scores[:0], 0.5).numel() == 0
+
+
+def test_rotated_iou_loss_is_zero_on_the_target_and_its_gradient_helps():
+    from rtmdet.training.losses_rotated import rotated_iou_loss
+
+    target = torch.tensor([[30.0, 30.0, 20.0, 8.0, 0.4]])
+    assert float(rotated_iou_loss(target, target)) == pytest.approx(0.0, abs=1e-5)
+    pred = torch.tensor([[33.0, 28.0, 14.0, 10.0, 0.1]], requires_grad=True)
+    before = rotated_iou_loss(pred, target)
+    before.sum().backward()
+    with torch.no_grad():
+        after = rotated_iou_loss(pred - 5.0 * pred.grad, target)
+    assert 0 < float(after) < float(before.detach())  # a small step down the gradient raises the IoU
+    far = torch.tensor([[300.0, 300.0, 5.0, 5.0, 0.0]])
+    assert float(rotated_iou_loss(far, target, weight=torch.tensor([2.0]))) == pytest.approx(2.0, abs=1e-5)
