@@ -1,0 +1,69 @@
+"""Instance masks from COCO `segmentation` fields: polygons, uncompressed RLE and compressed RLE,
+as Roboflow and COCO exports write them, decoded with pycocotools (COCO's own rasterizer, so a
+mask here is the mask COCO's segm evaluation scores).
+
+`check_segmentation` says what is wrong with a field in words a user can act on; the reader
+that uses it decides what is an error and what is skipped and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from rtmdet.errors import DataError
+
+REASONS = {
+    "no_mask": "annotations with a box but no segmentation",
+    "degenerate_polygon": "polygons with under 3 points or no area (dropped from their mask)",
+    "polygon_outside_image": "polygons with points more than 1 px outside the image (clipped by rasterizing)",
+    "empty_mask": "masks with no pixel inside the image",
+}
+
+
+def check_segmentation(segm: Any, height: int, width: int) -> tuple[list[str], Any]:
+    """(reasons, usable field): the problems of one `segmentation` value and the part that can be
+    rasterized (None when nothing can). Raises DataError for a value of the wrong kind or an RLE
+    of another image size (the annotation belongs to another image)."""
+    if segm is None or (isinstance(segm, list) and not segm):
+        return ["no_mask"], None
+    if isinstance(segm, dict):
+        size = segm.get("size")
+        if not (isinstance(size, list) and len(size) == 2) or "counts" not in segm:
+            raise DataError("an RLE segmentation needs 'size' [height, width] and 'counts'")
+        if [int(v) for v in size] != [height, width]:
+            raise DataError(f"an RLE segmentation of size {size[0]}x{size[1]} on an image of {height}x{width}")
+        return [], segm
+    if not isinstance(segm, list) or not all(isinstance(p, list) for p in segm):
+        raise DataError(f"segmentation must be polygons (a list of [x1, y1, x2, y2, ...]) or RLE, got {type(segm).__name__}")
+    reasons, kept = [], []
+    for poly in segm:
+        pts = np.asarray(poly, np.float64)
+        if pts.size < 6 or pts.size % 2 or not np.isfinite(pts).all() or _area(pts.reshape(-1, 2)) <= 0:
+            reasons.append("degenerate_polygon")
+            continue
+        xy = pts.reshape(-1, 2)
+        if (xy < -1).any() or (xy[:, 0] > width + 1).any() or (xy[:, 1] > height + 1).any():
+            reasons.append("polygon_outside_image")
+        kept.append([float(v) for v in pts])
+    if not kept:
+        return reasons + ["no_mask"], None
+    return sorted(set(reasons)), kept
+
+
+def segmentation_to_mask(segm: Any, height: int, width: int) -> np.ndarray:
+    """A usable `segmentation` (check_segmentation's second value) -> bool mask [height, width]."""
+    if isinstance(segm, dict):
+        rle = segm if isinstance(segm["counts"], (str, bytes)) else mask_utils.frPyObjects(segm, height, width)
+        if isinstance(rle["counts"], str):
+            rle = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    else:
+        rle = mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
+    return mask_utils.decode(rle).astype(bool)
+
+
+def _area(xy: np.ndarray) -> float:
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)))
