@@ -19,7 +19,6 @@ REASONS = {
     "no_mask": "annotations with a box but no segmentation",
     "degenerate_polygon": "polygons with under 3 points or no area (dropped from their mask)",
     "polygon_outside_image": "polygons with points more than 1 px outside the image (clipped by rasterizing)",
-    "empty_mask": "masks with no pixel inside the image",
 }
 
 
