@@ -77,3 +77,46 @@ def random_detector_checkpoint(path: Path, size: str = "nano", classes=("cat", "
             conv.bias.uniform_(0.5, 2.0)
     save_atomic(checkpoint_dict(model, list(classes), category_ids), path)
     return path
+
+
+def _gloo_rank(target, rank: int, world: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from rtmdet.training.distributed import DistInfo
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out.put((rank, target(DistInfo(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu")))))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_ranks(target, world: int = 2, timeout: float = 120.0) -> list:
+    """Run target(info) in `world` spawned CPU processes joined in one gloo group over localhost;
+    returns each rank's return value, by rank. target must be a module-level function."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_rank, args=(target, r, world, port, out)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    results = dict(out.get(timeout=timeout) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    return [results[r] for r in range(world)]
+
+
+def merged_parity_state_dict(refs: Path, name: str) -> tuple[dict, dict]:
+    """(float state dict, the file) of a second-batch parity file (parity_<name>.pt): its head merged
+    with the backbone (and neck) of the file it names, as the refs README shows."""
+    ref = torch.load(refs / f"parity_{name}.pt", weights_only=True)
+    base = torch.load(refs / ref["base_state_dict_file"], weights_only=True)["state_dict"]
+    prefixes = tuple(ref["base_state_dict_prefixes"])
+    sd = {k: (base[k] if k.startswith(prefixes) else ref["state_dict"][k]) for k in ref["state_dict_key_order"]}
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, ref

@@ -13,7 +13,7 @@ from rtmdet.models import build_model
 from rtmdet.models.checkpoint import load_checkpoint
 from rtmdet.models.classifier import RGB_MEAN, RGB_STD, build_classifier
 
-from conftest import rel_diff
+from conftest import merged_parity_state_dict, rel_diff
 
 SIZES = ["tiny", "s", "m", "l", "x"]
 
@@ -43,11 +43,7 @@ PARITY_TOL = 1e-4
 
 
 def _parity_model(refs) -> tuple[torch.nn.Module, dict]:
-    ref = torch.load(refs / "parity_cls_tiny.pt", weights_only=True)
-    base = torch.load(refs / ref["base_state_dict_file"], weights_only=True)["state_dict"]
-    prefixes = tuple(ref["base_state_dict_prefixes"])
-    sd = {k: (base[k] if k.startswith(prefixes) else ref["state_dict"][k]) for k in ref["state_dict_key_order"]}
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    sd, ref = merged_parity_state_dict(refs, "cls_tiny")
     model = build_classifier("tiny", 1000).eval()
     model.load_state_dict(sd, strict=True)
     return model, ref

@@ -18,6 +18,7 @@ from rtmdet.training import train
 from rtmdet.training.distill import Distiller, channel_wise_divergence, load_teacher, normalize_channels
 from rtmdet.training.launch import train_with_teacher
 
+from conftest import run_gloo_ranks
 from test_trainer import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,38 +136,17 @@ def test_a_size_teacher_trains_first_and_a_killed_student_resumes(tmp_path: Path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _average_on_rank(rank: int, port: int, out) -> None:
-    import torch.distributed as dist
+def _average_on_rank(info) -> list:
+    from rtmdet.training.distributed import average_gradients
 
-    from rtmdet.training.distributed import DistInfo, average_gradients
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        adapters = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1, bias=False), torch.nn.BatchNorm2d(3))
-        for p in adapters.parameters():
-            p.grad = torch.full_like(p, float(rank + 1))
-        info = DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"), owns_group=False)
-        average_gradients(adapters, info)
-        out.put([p.grad.unique().tolist() for p in adapters.parameters()])
-    finally:
-        dist.destroy_process_group()
+    adapters = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1, bias=False), torch.nn.BatchNorm2d(3))
+    for p in adapters.parameters():
+        p.grad = torch.full_like(p, float(info.rank + 1))
+    average_gradients(adapters, info)
+    return [p.grad.unique().tolist() for p in adapters.parameters()]
 
 
 def test_adapter_gradients_are_averaged_over_ranks():
     # The adapters live outside DDP, so each rank's gradients are averaged by hand after backward.
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_average_on_rank, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
+    results = run_gloo_ranks(_average_on_rank)
     assert results == [[[1.5], [1.5], [1.5]]] * 2

@@ -14,7 +14,7 @@ from rtmdet.inference.rotated import decode_rotated, norm_angle_le90
 from rtmdet.models import build_model
 from rtmdet.training.losses import make_priors
 
-from conftest import max_rel_diff, rel_diff
+from conftest import max_rel_diff, merged_parity_state_dict, rel_diff
 
 
 @pytest.mark.parametrize("size", ["tiny", "s", "m", "l"])
@@ -34,12 +34,9 @@ PARITY_TOL = 1e-4
 
 
 def test_parity_with_mmrotate(refs):
-    ref = torch.load(refs / "parity_rot_tiny.pt", weights_only=True)
-    base = torch.load(refs / ref["base_state_dict_file"], weights_only=True)["state_dict"]
-    prefixes = tuple(ref["base_state_dict_prefixes"])
-    sd = {k: (base[k] if k.startswith(prefixes) else ref["state_dict"][k]) for k in ref["state_dict_key_order"]}
+    sd, ref = merged_parity_state_dict(refs, "rot_tiny")
     model = build_model("tiny", 15, task="rotate").eval()
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, strict=True)
+    model.load_state_dict(sd, strict=True)
     x = ref["input"].float()
     with torch.no_grad():
         neck = model.neck(model.backbone(x))

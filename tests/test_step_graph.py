@@ -18,7 +18,7 @@ from rtmdet.training.losses import make_priors
 from rtmdet.training.optim import build_optimizer, optimizer_state
 from rtmdet.training.step_graph import box_bucket
 
-from conftest import rel_diff
+from conftest import rel_diff, run_gloo_ranks
 from test_trainer import make_dataset
 
 
@@ -103,44 +103,23 @@ def test_a_graphed_step_trains_like_the_eager_one(tmp_path: Path, caplog, distil
     assert all(type(g["lr"]) is float for g in ts["optimizer"]["param_groups"])
 
 
-def _agree_on_rank(rank: int, port: int, out) -> None:
-    import torch.distributed as dist
+def _agree_on_rank(info) -> tuple:
+    from rtmdet.training.distributed import HostMax, broadcast_module
 
-    from rtmdet.training.distributed import DistInfo, HostMax, broadcast_module
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        info = DistInfo(rank=rank, local_rank=rank, world_size=2, device=torch.device("cpu"), owns_group=False)
-        agree = HostMax(info)
-        buckets = [agree(box_bucket(m)) for m in ((3, 20, 40) if rank == 0 else (9, 5, 300))]
-        torch.manual_seed(rank)  # different weights per rank, until rank 0's are broadcast
-        net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
-        net[1].running_mean.fill_(rank)
-        broadcast_module(net, info)
-        out.put((rank, buckets, [t.tolist() for t in net.state_dict().values()]))
-    finally:
-        dist.destroy_process_group()
+    agree = HostMax(info)
+    buckets = [agree(box_bucket(m)) for m in ((3, 20, 40) if info.rank == 0 else (9, 5, 300))]
+    torch.manual_seed(info.rank)  # different weights per rank, until rank 0's are broadcast
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3))
+    net[1].running_mean.fill_(info.rank)
+    broadcast_module(net, info)
+    return buckets, [t.tolist() for t in net.state_dict().values()]
 
 
 def test_ranks_agree_on_one_bucket_and_start_from_rank_0s_weights():
     # Graphs on several GPUs: each replay holds a captured all-reduce, so every rank must replay
     # the same bucket's graph at each step; and with no DDP wrapper, rank 0's weights are
     # broadcast at the start.
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_agree_on_rank, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict((r, rest) for r, *rest in (out.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
+    results = run_gloo_ranks(_agree_on_rank)
     assert results[0][0] == results[1][0] == [16, 32, 512]
     assert results[0][1] == results[1][1]
 

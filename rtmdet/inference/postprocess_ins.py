@@ -25,19 +25,19 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
-from rtmdet.inference.postprocess import decode, level_points
+from rtmdet.inference.postprocess import PostprocessConfig, decode, level_points
 from rtmdet.models.head_ins import dynamic_mask_logits
 
 
 @dataclass(frozen=True)
-class InsPostprocessConfig:
-    """mmdetection's RTMDet-Ins test_cfg."""
+class InsPostprocessConfig(PostprocessConfig):
+    """mmdetection's RTMDet-Ins test_cfg: the box post-process's settings with its defaults, and
+    the mask threshold."""
 
     score_thr: float = 0.05
     nms_pre: int = 1000
     iou_thr: float = 0.6
     max_per_img: int = 100
-    min_bbox_size: float = 0.0
     mask_thr: float = 0.5
 
 
