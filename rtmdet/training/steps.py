@@ -40,7 +40,7 @@ class StepMixin:
     def _build_step(self) -> None:
         """How a step runs, by train.compile and train.compile_mode: the whole step as CUDA graphs
         (graph modes on CUDA GPUs, one or several, bf16 or fp32, no SyncBN), or the model's forward
-        compiled (other modes, one process; its input shape never changes, so it compiles once),
+        compiled (other modes; its input shape never changes, so it compiles once),
         or all eager."""
         self.model_fn, self.graphs, mode = self.eager, None, self.p.compile_mode
         self.criterion.phase = self.phase
