@@ -119,3 +119,19 @@ def test_bad_arguments(export):
         check_data()
     with pytest.raises(ConfigError, match="at least --train-ann"):
         check_data("--valid-ann", export / "valid" / ANN)
+
+
+def test_class_folder_and_dota_layouts_are_recognized(tmp_path, capsys):
+    from test_class_folders import make_folders
+    from test_dota import _line, _quad, make_dota
+
+    classes = make_folders(tmp_path / "cls", {"train": {"cat": 2, "dog": 1}, "valid": {"cat": 1}})
+    assert check_data(classes) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("classes layout; classes (2): cat, dog") and "train: 3 images" in out
+    rotated = make_dota(tmp_path / "dota", "train", {"a": [_line(_quad(50, 50, 20, 10, 0.3), "ship", 1)]})
+    assert check_data(rotated, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layout"] == "dota" and report["splits"]["train"]["difficult"] == 1
+    with pytest.raises(DataError, match="no train/ folder"):
+        check_data(tmp_path / "cls" / "valid", "--layout", "classes")

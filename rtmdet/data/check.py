@@ -11,6 +11,7 @@ from rtmdet.data.validate import REASONS
 from rtmdet.errors import ConfigError
 
 SPLITS = ("train", "valid", "test")
+LAYOUTS = ("auto", "coco", "classes", "dota")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,6 +30,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     parser.add_argument("--no-images", action="store_true",
                         help="check the JSON only; do not open the image files")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto",
+                        help="coco (boxes, and the default), classes (train/<class>/<image>: a classifier's data) "
+                             "or dota (images/ + labelTxt/: rotated boxes); auto tells them apart")
     add_split_arguments(parser)
     parser.set_defaults(func=run)
     return parser
@@ -59,15 +63,59 @@ def explicit_splits(args: argparse.Namespace, command: str = "check-data",
     return splits or None
 
 
+def layout_of(root: Path | None, explicit: bool) -> str:
+    """auto: dota when train/ holds labelTxt/ or annfiles/; classes when train/ holds only
+    folders and no COCO file; otherwise coco."""
+    if explicit or root is None or not (root / "train").is_dir():
+        return "coco"
+    train = root / "train"
+    if (train / "labelTxt").is_dir() or (train / "annfiles").is_dir():
+        return "dota"
+    if not (train / "_annotations.coco.json").exists() and not (root / "annotations").is_dir() \
+            and any(p.is_dir() for p in train.iterdir()):
+        return "classes"
+    return "coco"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run check-data; print the report to stdout and return 0 (raises RTMDetError when unusable)."""
     splits = explicit_splits(args)
     if splits is None and args.root is None:
         raise ConfigError("check-data: give a dataset folder or --train-ann/--valid-ann")
-    dataset = load_dataset(args.root, splits=splits, check_images=not args.no_images)
-    summary = summarize(dataset)
-    print(json.dumps(summary, indent=2, ensure_ascii=False) if args.json else format_report(summary))
+    layout = layout_of(args.root, splits is not None) if args.layout == "auto" else args.layout
+    if layout == "classes":
+        from rtmdet.data.class_folders import load_class_folders, summarize as summarize_classes
+
+        summary = summarize_classes(load_class_folders(args.root, check_images=not args.no_images))
+    elif layout == "dota":
+        from rtmdet.data.dota import load_dota, summarize as summarize_dota
+
+        summary = summarize_dota(load_dota(args.root))
+    else:
+        summary = summarize(load_dataset(args.root, splits=splits, check_images=not args.no_images))
+    if args.json:
+        print(json.dumps(summary if layout == "coco" else {"layout": layout, **summary}, indent=2, ensure_ascii=False))
+    else:
+        print(format_report(summary) if layout == "coco" else format_other(summary, layout))
     return 0
+
+
+def format_other(summary: dict, layout: str) -> str:
+    """The report of a class-folder or DOTA dataset: per split, images (and boxes), per class, warnings."""
+    from rtmdet.data import class_folders, dota
+
+    reasons = class_folders.REASONS if layout == "classes" else dota.REASONS
+    classes = summary["classes"]
+    width = max(len(c) for c in classes)
+    lines = [f"{layout} layout; classes ({len(classes)}): {', '.join(classes)}"]
+    for name, split in summary["splits"].items():
+        boxes = f", {split['boxes']} rotated boxes ({split['difficult']} difficult)" if "boxes" in split else ""
+        lines.append(f"{name}: {split['images']} images{boxes}")
+        lines += [f"  {c:<{width}}  {n:>7}" for c, n in split["per_class"].items()]
+        lines += [f"  warning {k}: {n} {reasons.get(k, '')}".rstrip() for k, n in split["warnings"].items()]
+        if not split["warnings"]:
+            lines.append("  no warnings")
+    return "\n".join(lines + ["usable"])
 
 
 def format_report(summary: dict) -> str:

@@ -173,3 +173,16 @@ def _record(image_id: int, path: Path, objects: list, size: tuple[int, int], lab
     labels = np.array([label_of[o[1]] for o in objects], np.int64)
     difficult = np.array([o[2] for o in objects], bool)
     return RotatedRecord(image_id, path, w, h, rboxes[keep], labels[keep], difficult[keep])
+
+
+def summarize(dataset: RotatedDataset) -> dict:
+    """Images, boxes per class and the counted warnings per split (JSON-ready)."""
+    splits = {}
+    for name, split in dataset.splits.items():
+        labels = np.concatenate([r.labels for r in split.records]) if split.records else np.zeros(0, np.int64)
+        counts = np.bincount(labels, minlength=len(dataset.classes))
+        splits[name] = {"images": len(split.records), "boxes": int(counts.sum()),
+                        "difficult": int(sum(r.difficult.sum() for r in split.records)),
+                        "per_class": {c: int(n) for c, n in zip(dataset.classes, counts)},
+                        "warnings": {k: int(v) for k, v in split.warnings.items() if v}}
+    return {"classes": list(dataset.classes), "splits": splits}
