@@ -55,6 +55,7 @@ class _Graph:
     boxes: Tensor
     labels: Tensor
     warm_steps: int = 0
+    first_seen: float = 0.0  # perf_counter() at its first warm-up step
     failed: bool = False  # its capture failed: eager steps
     graph: torch.cuda.CUDAGraph | None = None
     outputs: dict[str, Tensor] = field(default_factory=dict)
@@ -127,6 +128,8 @@ class StepGraphs:
         self.ema_weight.fill_(ema_weight)
         if slot.graph is None:
             if slot.failed or slot.warm_steps < self.warmup:
+                if slot.warm_steps == 0:
+                    slot.first_seen = time.perf_counter()
                 slot.warm_steps += 1
                 return self._eager(slot)
             self._capture(slot)
@@ -160,5 +163,7 @@ class StepGraphs:
             return
         slot.graph = graph
         self.captures += 1
-        log.info("captured the training step as CUDA graph %d (up to %d boxes per image) in %.1f s",
-                 self.captures, slot.labels.shape[1], time.perf_counter() - start)
+        now = time.perf_counter()
+        log.info("captured the training step as CUDA graph %d (up to %d boxes per image) in %.1f s; its %d eager "
+                 "warm-up steps and the capture took %.1f s", self.captures, slot.labels.shape[1], now - start,
+                 slot.warm_steps, now - slot.first_seen)

@@ -229,6 +229,7 @@ class _Run(StepMixin):
         # Every remaining epoch in one pass of the loader: its workers prefetch across epoch ends.
         set_epochs(self.loader, self.epoch, self.p.epochs, self.p.epochs - self.p.stage2_epochs, skip=self.batch)
         self.batches = iter(self.loader)
+        self.first_epoch, self.loader_started = self.epoch, time.perf_counter()
         try:
             for epoch in range(self.epoch, self.p.epochs):
                 self._train_epoch(epoch)
@@ -266,6 +267,8 @@ class _Run(StepMixin):
             for k in range(skip, n):
                 with self.phase("data"):
                     batch = next(self.batches)
+                if k == skip and epoch == self.first_epoch and self.info.is_main:
+                    log.info("first batch %.1f s after the loader started", time.perf_counter() - self.loader_started)
                 self._step(batch)
                 kill_point("train:step")
                 self.global_iter += 1
