@@ -115,24 +115,14 @@ def test_killed_run_resumes_mid_epoch_to_the_same_weights_and_curves(data_root: 
     ref = train(*_params(data_root), tmp_path / "ref", live_dir=tmp_path / "ref" / "live", progress=False)
     assert ref.best is not None and not ref.resumed
 
-    # Same run in a subprocess writing last.pt at every iteration; SIGKILL it in epoch 2.
+    # Same run in a subprocess writing last.pt at every iteration, SIGKILLed by its own kill point
+    # at the 7th step (epoch 2, batch 3 of 4): after that step, before its checkpoint. Polling
+    # last.pt from here raced the run: with prefetch across epochs it sometimes ended first.
     out = tmp_path / "killed"
     params = _write_params(tmp_path / "params.yaml", data_root, ckpt_interval_s=0.0, log_interval=1)
-    proc = subprocess.Popen(_cli(params, out), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-            try:
-                ts = _state(out / "last.pt")["train_state"]
-            except (FileNotFoundError, RuntimeError, EOFError):
-                continue
-            if ts["epoch"] == 1 and ts["batch"] >= 1:
-                break
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    proc = subprocess.run(_cli(params, out), cwd=REPO, env={**_env(), "RTMDET_KILL_AT": "train:step#7"},
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
     killed = _state(out / "last.pt")["train_state"]
     assert killed["epoch"] == 1 and 0 < killed["batch"] < 4, "the kill must land mid-epoch"
 
