@@ -164,12 +164,9 @@ def _record(image_id: int, path: Path, objects: list, size: tuple[int, int], lab
     partly = ~outside & ((lo < -1).any(1) | (hi[:, 0] > w + 1) | (hi[:, 1] > h + 1))
     degenerate = area <= 1e-6
     keep = ~outside & ~degenerate
-    warnings["non_rectangular"] += int((~is_rect & keep).sum())
-    warnings["partly_outside"] += int((partly & keep).sum())
-    warnings["outside"] += int(outside.sum())
-    warnings["degenerate"] += int((degenerate & ~outside).sum())
-    for reason in [r for r, n in warnings.items() if n == 0]:
-        del warnings[reason]
+    counts = {"non_rectangular": ~is_rect & keep, "partly_outside": partly & keep, "outside": outside,
+              "degenerate": degenerate & ~outside}
+    warnings.update({reason: int(mask.sum()) for reason, mask in counts.items() if mask.any()})
     labels = np.array([label_of[o[1]] for o in objects], np.int64)
     difficult = np.array([o[2] for o in objects], bool)
     return RotatedRecord(image_id, path, w, h, rboxes[keep], labels[keep], difficult[keep])
