@@ -16,6 +16,7 @@ from rtmdet.data.records import DetectionDataset, DetectionSplit, ImageRecord
 from rtmdet.errors import DataError
 from rtmdet.evaluation import (
     STAT_NAMES,
+    CocoScorer,
     coco_gt_from_split,
     detections_to_coco_results,
     evaluate_detector,
@@ -175,6 +176,31 @@ def test_facemask_matches_pycocotools_exactly(tmp_path, use_reader):
     with contextlib.redirect_stdout(buf):
         ref.summarize()
     assert ours.summary == buf.getvalue().rstrip("\n")  # pycocotools' 12 lines, character for character
+
+
+def test_scorer_arrays_path_matches_pycocotools_and_scores_again_alike(tmp_path):
+    """Validation's path (one CocoScorer, flat arrays, no loadRes) gives pycocotools' numbers,
+    the second time as the first (COCOeval marks the ground truth it reuses)."""
+    split, dataset = _facemask_split(True)
+    dets = _fake_predictions(split, len(dataset.classes))
+    results = detections_to_coco_results(dets, dataset.category_ids)
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps(results))
+    ref_stats, ref = _pycocotools_direct(_ann_ids_from_one(split.ann_file, tmp_path), results_file)
+
+    ids = np.concatenate([np.full(len(d.scores), i) for i, d in dets.items()])
+    boxes, scores, labels = (np.concatenate([getattr(d, k) for d in dets.values()]) for k in ("boxes", "scores", "labels"))
+    scorer = CocoScorer(coco_gt_from_split(split, dataset), dataset.classes, dataset.category_ids)
+    first = scorer.score_arrays(ids, boxes, scores, labels)
+    empty = scorer.score_arrays(ids[:0], boxes[:0], scores[:0], labels[:0])
+    again = scorer.score_arrays(ids, boxes, scores, labels)
+    assert 0.2 < first.stats["mAP"] < 0.9
+    assert empty.stats["mAP"] == 0.0
+    for ours in (first, again):
+        assert [ours.stats[n] for n in STAT_NAMES] == pytest.approx([float(v) for v in ref_stats], rel=0, abs=1e-12)
+        assert np.allclose(ours.precision, ref.eval["precision"], rtol=0, atol=1e-12)
+        assert np.array_equal(ours.precision < 0, ref.eval["precision"] < 0)
+    assert first.results == results
 
 
 def _ann_ids_from_one(ann_file: Path, tmp_path: Path) -> Path:

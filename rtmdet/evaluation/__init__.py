@@ -2,6 +2,7 @@
 
 from rtmdet.evaluation.coco_eval import (
     STAT_NAMES,
+    CocoScorer,
     EvalResult,
     coco_gt_from_split,
     detections_to_coco_results,
@@ -12,6 +13,7 @@ from rtmdet.evaluation.coco_eval import (
 
 __all__ = [
     "STAT_NAMES",
+    "CocoScorer",
     "EvalResult",
     "coco_gt_from_split",
     "detections_to_coco_results",

@@ -178,44 +178,79 @@ def evaluate_results(
     summation order, ~1e-16) at several times its speed. Its summary is written in
     pycocotools' own 12-line format. An empty results list is scored as all misses.
     """
-    from faster_coco_eval import COCO, COCOeval_faster
-
     _check_results(gt, results)
-    # COCOeval writes an 'ignore' key into gt annotations and loadRes writes into results:
-    # give it shallow copies so the caller's dicts stay as they were.
-    gt = {**gt, "annotations": [dict(a) for a in gt["annotations"]]}
-    coco_gt = COCO()
-    coco_gt.dataset = gt
-    coco_gt.createIndex()
-    if results:
-        coco_dt = coco_gt.loadRes([dict(r) for r in results])
-    else:
+    return CocoScorer(gt, classes, category_ids).score(results)
+
+
+class CocoScorer:
+    """One ground truth scored again and again (validation during training): the ground truth is
+    indexed once, and `score_arrays` turns flat detection arrays straight into COCOeval's
+    detection index, without the results list and loadRes round trip. Same numbers as
+    `evaluate_results` (tests/test_coco_eval.py compares every stat and the precision arrays)."""
+
+    def __init__(self, gt: dict[str, Any], classes: Sequence[str], category_ids: Sequence[int]):
+        from faster_coco_eval import COCO
+
+        self.classes, self.category_ids = list(classes), [int(c) for c in category_ids]
+        # COCOeval writes an 'ignore' key into gt annotations (the same value every time): it
+        # gets its own copies, so the caller's dicts stay as they were.
+        self.gt = {**gt, "annotations": [dict(a) for a in gt["annotations"]]}
+        self.coco_gt = COCO()
+        self.coco_gt.dataset = self.gt
+        self.coco_gt.createIndex()
+
+    def score(self, results: list[dict[str, Any]]) -> EvalResult:
+        """COCO results (image_id, category_id, bbox xywh, score) -> EvalResult; loadRes adds its
+        keys to copies of them."""
+        if results:
+            coco_dt = self.coco_gt.loadRes([dict(r) for r in results])
+        else:
+            coco_dt = self._index([])
+        return self._evaluate(coco_dt, results)
+
+    def score_arrays(self, image_ids: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                     labels: np.ndarray) -> EvalResult:
+        """Flat arrays over all images (as `coco_results_from_arrays` takes them) -> EvalResult.
+        The detections get what loadRes would give them (area, id, iscrowd), rounded as results are."""
+        results = coco_results_from_arrays(image_ids, boxes, scores, labels, self.category_ids)
+        anns = [{**r, "area": r["bbox"][2] * r["bbox"][3], "id": k, "iscrowd": 0}
+                for k, r in enumerate(results, start=1)]
+        return self._evaluate(self._index(anns), results)
+
+    def _index(self, anns: list[dict[str, Any]]) -> Any:
+        from faster_coco_eval import COCO
+
         coco_dt = COCO()
-        coco_dt.dataset = {"images": list(gt["images"]), "categories": list(gt["categories"]),
-                           "annotations": []}  # fmt: skip
+        coco_dt.dataset = {"images": list(self.gt["images"]), "categories": list(self.gt["categories"]),
+                           "annotations": anns}  # fmt: skip
         coco_dt.createIndex()
-    ev = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=lambda *args: None)
-    ev.evaluate()
-    ev.accumulate()
-    ev.summarize()
-    values = [float(v) for v in ev.stats[: len(STAT_NAMES)]]
-    stats = {name: _none_if_negative(v) for name, v in zip(STAT_NAMES, values, strict=True)}
-    precision = ev.eval["precision"]
-    cat_ids = [int(c) for c in ev.params.catIds]
-    return EvalResult(
-        stats=stats,
-        per_class=_per_class(gt, precision, cat_ids, classes, category_ids),
-        precision=precision,
-        recall=ev.eval["recall"],
-        cat_ids=cat_ids,
-        iou_thrs=np.asarray(ev.params.iouThrs),
-        rec_thrs=np.asarray(ev.params.recThrs),
-        summary=pycocotools_summary(values),
-        results=results,
-        classes=list(classes),
-        category_ids=[int(c) for c in category_ids],
-        num_images=len(gt["images"]),
-    )
+        return coco_dt
+
+    def _evaluate(self, coco_dt: Any, results: list[dict[str, Any]]) -> EvalResult:
+        from faster_coco_eval import COCOeval_faster
+
+        ev = COCOeval_faster(self.coco_gt, coco_dt, iouType="bbox", print_function=lambda *args: None)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        values = [float(v) for v in ev.stats[: len(STAT_NAMES)]]
+        stats = {name: _none_if_negative(v) for name, v in zip(STAT_NAMES, values, strict=True)}
+        precision = ev.eval["precision"]
+        cat_ids = [int(c) for c in ev.params.catIds]
+        return EvalResult(
+            stats=stats,
+            per_class=_per_class(self.gt, precision, cat_ids, self.classes, self.category_ids),
+            precision=precision,
+            recall=ev.eval["recall"],
+            cat_ids=cat_ids,
+            iou_thrs=np.asarray(ev.params.iouThrs),
+            rec_thrs=np.asarray(ev.params.recThrs),
+            summary=pycocotools_summary(values),
+            results=results,
+            classes=list(self.classes),
+            category_ids=list(self.category_ids),
+            num_images=len(self.gt["images"]),
+        )
 
 
 def pycocotools_summary(values: Sequence[float]) -> str:

@@ -75,12 +75,13 @@ def postprocess_batch(
     # Rescale before NMS, by the fp32 reciprocal of the scale factor (as mmdetection does).
     inv = torch.tensor([[1 / sw, 1 / sh] * 2 for sw, sh in scale_wh], dtype=torch.float32, device=boxes.device)
     boxes = boxes * inv[image]
+    # Boxes too small to keep go before NMS, for every image at once (one host sync, not one per image).
+    wh = boxes[:, 2:] - boxes[:, :2]
+    valid = (wh[:, 0] > cfg.min_bbox_size) & (wh[:, 1] > cfg.min_bbox_size)
+    image, boxes, scores, labels = image[valid], boxes[valid], scores[valid], labels[valid]
     counts = torch.bincount(image, minlength=n).tolist()
     out = []
     for (b, s, lab), (h0, w0) in zip(zip(boxes.split(counts), scores.split(counts), labels.split(counts)), ori_hw):
-        wh = b[:, 2:] - b[:, :2]
-        valid = (wh[:, 0] > cfg.min_bbox_size) & (wh[:, 1] > cfg.min_bbox_size)
-        b, s, lab = b[valid], s[valid], lab[valid]
         if b.numel():
             keep = batched_nms(b, s, lab, cfg.iou_thr)[: cfg.max_per_img]
             b, s, lab = b[keep], s[keep], lab[keep]
