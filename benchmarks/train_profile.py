@@ -164,9 +164,9 @@ def main() -> int:
             metrics = run._validate()
             sync(dev)
             total = time.perf_counter() - t0
-            inference = metrics["num_images"] / metrics["images_per_s"] if metrics.get("images_per_s") else None
-            val.append({"seconds": total, "inference": inference,
-                        "scoring": None if inference is None else total - inference, "mAP": metrics["mAP"]})
+            parts = run.validator.seconds  # inference (= load + model + postprocess) and scoring
+            val.append({"seconds": total, **{k: parts.get(k) for k in ("inference", "model", "postprocess", "scoring")},
+                        "mAP": metrics["mAP"]})
     dist_utils.barrier(info)
     run.close()
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
@@ -200,9 +200,9 @@ def format_result(r: dict) -> str:
     lines += [f"| {k} | {v:.2f} |" for k, v in r["phases_ms"].items()]
     lines.append(f"| sum | {sum(r['phases_ms'].values()):.2f} |")
     for i, v in enumerate(r["validation"]):
-        inf = "?" if v["inference"] is None else f"{v['inference']:.2f}"
-        sc = "?" if v["scoring"] is None else f"{v['scoring']:.2f}"
-        lines.append(f"validation {i + 1}: {v['seconds']:.2f} s (inference {inf}, scoring {sc}), mAP {v['mAP']:.4f}")
+        part = ", ".join(f"{k} {'?' if v.get(k) is None else format(v[k], '.2f')}"
+                         for k in ("inference", "model", "postprocess", "scoring"))
+        lines.append(f"validation {i + 1}: {v['seconds']:.2f} s ({part}), mAP {v['mAP']:.4f}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from rtmdet.config import DataParams, ModelParams, TrainParams
 from rtmdet.errors import ConfigError
 from rtmdet.training import TrainingError, train
+from rtmdet.training import epoch_end
 from rtmdet.training import trainer as trainer_mod
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,6 +178,60 @@ def test_finished_run_returns_at_once_and_changed_params_start_over(data_root: P
     assert not changed.resumed and not changed.already_finished
     assert "belongs to another run (train.lr 0.004 -> 0.002)" in caplog.text
     assert _state(out / "last.pt")["meta"]["params"]["train"]["lr"] == 0.002
+
+
+@pytest.mark.parametrize("share, expected", [(0, [1, 2, 3]), (1e9, [1, 3])])
+def test_epoch_end_writes_of_last_pt_skip_epochs_shorter_than_the_write_budget(
+        data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: float, expected: list[int]) -> None:
+    # WRITE_SHARE 0: every epoch writes last.pt. Huge: an epoch is always "too short" for its write,
+    # so only the first epoch (no write timed yet) and the finished run write it; the result is the same.
+    writes: list[int] = []
+    real = epoch_end.save_atomic
+
+    def spy(obj, path):
+        if Path(path).name == "last.pt":
+            writes.append(obj["train_state"]["epoch"])
+        real(obj, path)
+
+    monkeypatch.setattr(epoch_end, "WRITE_SHARE", share)
+    monkeypatch.setattr(epoch_end, "save_atomic", spy)
+    result = train(*_params(data_root, ckpt_interval_s=1e6, log_interval=100), tmp_path / "run", progress=False)
+    assert writes == expected
+    assert _state(result.last)["train_state"]["finished"]
+
+
+def test_best_pt_holds_the_weights_validated_even_when_scored_an_epoch_later(
+        data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Scores arrive while the next epoch trains; best.pt must be the weights as they were at the
+    # validation (here epoch 2's, the best score), not as they are when the score comes (epoch 3's
+    # end: no last.pt write in between, which would take the score at once).
+    from rtmdet.training.validate import Validator
+
+    scores = iter([0.3, 0.5, 0.1])
+    real_collect = Validator.collect
+
+    def fake_collect(self, future):
+        metrics = real_collect(self, future)
+        return {**metrics, "mAP": next(scores)}
+
+    snapshots: list[dict[str, torch.Tensor]] = []
+    real_best = epoch_end.EpochEndMixin._best_checkpoint
+
+    def spy_best(self, epoch):
+        ckpt = real_best(self, epoch)
+        snapshots.append({k: v.clone() for k, v in ckpt["state_dict"].items()})
+        return ckpt
+
+    monkeypatch.setattr(Validator, "collect", fake_collect)
+    monkeypatch.setattr(epoch_end.EpochEndMixin, "_best_checkpoint", spy_best)
+    monkeypatch.setattr(epoch_end, "WRITE_SHARE", 1e9)
+    result = train(*_params(data_root, ckpt_interval_s=1e6), tmp_path / "run", progress=False)
+    assert (result.best_epoch, result.best_mAP) == (2, 0.5)
+    best = _state(result.best)
+    assert best["meta"]["epoch"] == 2 and best["meta"]["mAP"] == 0.5
+    assert len(snapshots) == 3
+    assert all(torch.equal(best["state_dict"][k], v) for k, v in snapshots[1].items())
+    assert not all(torch.equal(best["state_dict"][k], v) for k, v in snapshots[2].items())
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(

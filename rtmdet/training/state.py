@@ -21,16 +21,21 @@ from torch import nn
 
 from rtmdet.config import DataParams, ModelParams, TrainParams
 from rtmdet.data.records import DetectionDataset
-from rtmdet.errors import CheckpointError
+from rtmdet.errors import CheckpointError, RTMDetError
 from rtmdet.models.checkpoint import checkpoint_dict, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+
+
+class TrainingError(RTMDetError):
+    """Training cannot go on (a NaN or infinite loss); the last good checkpoints are kept."""
+
 # Train keys that change neither the data seen nor the update rule: changing one resumes the run.
-# (device/compile/channels_last only change float rounding, like running on another GPU.)
+# (device/compile/channels_last/cudnn_benchmark only change float rounding, like another GPU.)
 NOT_IN_FINGERPRINT = frozenset({
-    "workers", "device", "compile", "compile_mode", "gpus", "channels_last", "val_interval",
+    "workers", "device", "compile", "compile_mode", "gpus", "channels_last", "cudnn_benchmark", "val_interval",
     "stage2_val_interval", "ckpt_interval_s", "log_interval",
 })
 

@@ -55,7 +55,7 @@ class _Graph:
     boxes: Tensor
     labels: Tensor
     warm_steps: int = 0
-    first_seen: float = 0.0  # perf_counter() at its first warm-up step
+    warm_seconds: float = 0.0  # host time spent in its eager warm-up steps
     failed: bool = False  # its capture failed: eager steps
     graph: torch.cuda.CUDAGraph | None = None
     outputs: dict[str, Tensor] = field(default_factory=dict)
@@ -128,8 +128,6 @@ class StepGraphs:
         self.ema_weight.fill_(ema_weight)
         if slot.graph is None:
             if slot.failed or slot.warm_steps < self.warmup:
-                if slot.warm_steps == 0:
-                    slot.first_seen = time.perf_counter()
                 slot.warm_steps += 1
                 return self._eager(slot)
             self._capture(slot)
@@ -140,11 +138,13 @@ class StepGraphs:
 
     def _eager(self, slot: _Graph) -> dict[str, Tensor]:
         """A warm-up step: the body run eagerly on a side stream, as capture will see it."""
+        start = time.perf_counter()
         main = torch.cuda.current_stream(self.device)
         self.side.wait_stream(main)
         with torch.cuda.stream(self.side):
             out = self.body(slot.images, slot.boxes, slot.labels, self.ema_weight)
         main.wait_stream(self.side)
+        slot.warm_seconds += time.perf_counter() - start
         return out
 
     def _capture(self, slot: _Graph) -> None:
@@ -163,7 +163,6 @@ class StepGraphs:
             return
         slot.graph = graph
         self.captures += 1
-        now = time.perf_counter()
-        log.info("captured the training step as CUDA graph %d (up to %d boxes per image) in %.1f s; its %d eager "
-                 "warm-up steps and the capture took %.1f s", self.captures, slot.labels.shape[1], now - start,
-                 slot.warm_steps, now - slot.first_seen)
+        log.info("captured the training step as CUDA graph %d (up to %d boxes per image) in %.1f s, after %d eager "
+                 "warm-up steps (%.1f s on the host)", self.captures, slot.labels.shape[1], time.perf_counter() - start,
+                 slot.warm_steps, slot.warm_seconds)

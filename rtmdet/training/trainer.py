@@ -24,10 +24,8 @@ from rtmdet.config import DataParams, ModelParams, TrainParams
 from rtmdet.data.loader import TrainBatchSampler, TrainDataset, build_dataloader, set_epochs
 from rtmdet.data.pipeline import PipelineConfig
 from rtmdet.data.records import DetectionDataset
-from rtmdet.errors import RTMDetError
 from rtmdet.failpoints import kill_point
 from rtmdet.fileio import remove_stale_temporaries
-from rtmdet.models.checkpoint import save_atomic
 from rtmdet.training import distributed as dist_utils
 from rtmdet.training import state as st
 from rtmdet.training.build import (
@@ -44,19 +42,16 @@ from rtmdet.training.distill import Distiller, load_teacher
 from rtmdet.training.ema import ExpMomentumEMA
 from rtmdet.training.logs import LiveLogger, LossMeter
 from rtmdet.training.losses import RTMDetLoss, make_priors
-from rtmdet.training.optim import LrSchedule, build_optimizer, optimizer_state, scaled_lr, validation_due
+from rtmdet.training.optim import LrSchedule, build_optimizer, scaled_lr
 from rtmdet.training.phases import Phases
-from rtmdet.training.state import TrainResult
+from rtmdet.training.state import TrainingError, TrainResult
+from rtmdet.training.epoch_end import EpochEndMixin
 from rtmdet.training.steps import StepMixin
 from rtmdet.training.validate import Validator
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainResult", "TrainingError", "train"]
-
-
-class TrainingError(RTMDetError):
-    """Training cannot go on (a NaN or infinite loss); the last good checkpoints are kept."""
 
 
 def train(data: DataParams, model: ModelParams, train: TrainParams, out_dir: Path, *,
@@ -75,7 +70,7 @@ def train(data: DataParams, model: ModelParams, train: TrainParams, out_dir: Pat
         dist_utils.cleanup(info)
 
 
-class _Run(StepMixin):
+class _Run(StepMixin, EpochEndMixin):
     """One training run's objects; `run()` drives the epochs."""
 
     def __init__(self, data: DataParams, model: ModelParams, train: TrainParams, out_dir: Path,
@@ -98,11 +93,12 @@ class _Run(StepMixin):
         self.images_seen, self.train_seconds = 0, 0.0
         self.phase = Phases(self.device)  # off: benchmarks/train_profile.py turns it on
         self.lr_now = 0.0  # the lr of the latest step (the schedule's, set by _step)
+        self._init_epoch_end()
 
     # ---- setup -------------------------------------------------------------------------------
     def _build(self, resume: dict[str, Any] | None) -> None:
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels once
+            torch.backends.cudnn.benchmark = self.p.cudnn_benchmark  # train.cudnn_benchmark
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self._build_model(resume)
@@ -182,7 +178,7 @@ class _Run(StepMixin):
         self.validator = None
         if self.info.is_main and valid is not None and valid.records:
             self.validator = Validator(valid, self.dataset, s, self.device, batch_size=min(2 * p.batch_size, 64),
-                                       workers=min(p.workers, 4))
+                                       workers=min(p.workers, 4), background=True)
         sampler = self.loader.batch_sampler
         assert isinstance(sampler, TrainBatchSampler)
         self.iters_per_epoch = sampler.batches_per_epoch()
@@ -221,7 +217,9 @@ class _Run(StepMixin):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.info.is_main and (n := remove_stale_temporaries(self.out_dir)):
             log.info("%s: removed %d half-written files of a killed run", self.out_dir, n)
+        started = time.perf_counter()
         self._build(resume)
+        setup = time.perf_counter() - started
         if resume is not None and self.info.is_main:
             log.info("resuming %s at epoch %d, batch %d of %d (iteration %d)", self.last_path, self.epoch + 1,
                      self.batch, self.iters_per_epoch, self.global_iter)
@@ -231,9 +229,17 @@ class _Run(StepMixin):
         self.batches = iter(self.loader)
         self.first_epoch, self.loader_started = self.epoch, time.perf_counter()
         try:
-            for epoch in range(self.epoch, self.p.epochs):
+            first = self.epoch
+            for epoch in range(first, self.p.epochs):
                 self._train_epoch(epoch)
                 self._end_epoch(epoch)
+            if self.info.is_main and self.p.epochs > first:
+                c, total = self.clock, time.perf_counter() - started
+                log.info("finished in %.1f s: setup %.1f s, epochs %.1f s, between epochs %.1f s (validation %.1f s in "
+                         "the way, %d runs, their scoring, %.1f s, beside training; checkpoints %.1f s; waiting for "
+                         "other ranks %.1f s), the rest %.1f s", total, setup, self.train_seconds, c["epoch ends"],
+                         c["validation"], self.val_runs, c["scoring"], c["checkpoints"], c["ranks"],
+                         total - setup - self.train_seconds - c["epoch ends"])
         finally:
             self.live.close()
             self.close()
@@ -244,7 +250,7 @@ class _Run(StepMixin):
         free the step graphs before the process group ends."""
         self.loader.close()
         if self.validator is not None:
-            self.validator.loader.close()
+            self.validator.close()
         if self.graphs is not None:
             self.graphs.close()
 
@@ -258,7 +264,7 @@ class _Run(StepMixin):
         self.distilling = self.distiller is not None and (self._stage(epoch) == 1 or self.p.distill_stage2)
         self.net.train()
         self.meter = LossMeter(self.meter_state if skip else None)
-        self.pending, self.last_ckpt = 0, time.monotonic()
+        self.pending = 0
         n = self.iters_per_epoch
         self.bar = tqdm(total=n, initial=skip, desc=f"epoch {epoch + 1}/{self.p.epochs}", unit="it",
                         disable=not (self.progress and self.info.is_main), dynamic_ncols=True, leave=False)
@@ -297,7 +303,6 @@ class _Run(StepMixin):
         due = time.monotonic() - self.last_ckpt >= self.p.ckpt_interval_s
         if k < self.iters_per_epoch - 1 and due and self.info.is_main:
             self._save_last(epoch, k + 1, finished=False)
-            self.last_ckpt = time.monotonic()
 
     def _nonfinite(self, epoch: int, k: int, rows: list[list[float]], first_bad: int | None) -> None:
         if first_bad is None:
@@ -310,85 +315,6 @@ class _Run(StepMixin):
             f"(global {self.global_iter - len(rows) + first_bad}): "
             f"non-finite loss {loss} (loss_cls {cls}, loss_bbox {box}); stopped, keeping the last good "
             f"{self.last_path.name} and {self.best_path.name} (try a lower train.lr, train.grad_clip, or amp: off)")
-
-    # ---- epoch end ----------------------------------------------------------------------------
-    def _validate(self) -> dict[str, Any]:
-        with self.phase("validate"):
-            return self.validator(self.ema.module if self.ema is not None else self.net)
-
-    def _end_epoch(self, epoch: int) -> None:
-        if self.graphs is not None and not dist_utils.same_on_every_rank(list(self.trained.parameters()), self.info):
-            # Graphed ranks average their gradients inside the graphs (no DDP to keep them equal).
-            raise TrainingError(f"epoch {epoch + 1}: the ranks' weights differ (their gradient all-reduce did not "
-                                f"hold); train.compile: false trains with DDP instead")
-        means = self.meter.means()
-        metrics: dict[str, float | None] = {f"train/{k}": v for k, v in means.items()
-                                            if k != "loss_distill" or self.distiller is not None}
-        metrics["train/lr"] = self.lr_now
-        val = self._validate() if self.validator is not None and validation_due(self.p, epoch) else None
-        if val is not None:
-            self.last_metrics = val
-            metrics["val/mAP"], metrics["val/mAP50"] = val["mAP"], val["mAP50"]
-            if self.best_map is None or (val["mAP"] or 0.0) > self.best_map:
-                self.best_map, self.best_epoch = val["mAP"] or 0.0, epoch + 1
-                self._save_best(epoch)
-        if self.info.is_main:
-            self.live.log_epoch(epoch, metrics)
-            finished = epoch + 1 == self.p.epochs
-            if finished and not self.best_path.exists():  # no validation split: ship the final weights
-                self._save_best(epoch)
-            self._save_last(epoch + 1, 0, finished=finished)
-            self._log_summary(epoch, means, val)
-            kill_point("train:epoch")
-        self.batch = 0
-        dist_utils.barrier(self.info)
-
-    def _log_summary(self, epoch: int, means: dict[str, float], val: dict[str, Any] | None) -> None:
-        done = epoch + 1
-        rate = self.epoch_images / max(self.epoch_seconds, 1e-9)
-        eta = (self.p.epochs - done) * self.epoch_seconds
-        mem = self._mem()
-        score = ""
-        if val is not None:
-            score = (f"  mAP {val['mAP'] or 0:.4f} mAP50 {val['mAP50'] or 0:.4f} "
-                     f"(best {self.best_map:.4f} @ {self.best_epoch})")
-        log.info("epoch %d/%d  loss %.4f (cls %.4f, bbox %.4f)  lr %.3g  %.1f img/s  %.1fs %s%s  ETA %s",
-                 done, self.p.epochs, means["loss"], means["loss_cls"], means["loss_bbox"],
-                 self.lr_now, rate, self.epoch_seconds, mem, score,
-                 time.strftime("%H:%M:%S", time.gmtime(eta)))
-
-    def _mem(self) -> str:
-        """Peak GPU memory reserved by this process (what the allocator took from the driver)."""
-        if self.device.type != "cuda":
-            return ""
-        return f" mem {torch.cuda.max_memory_reserved(self.device) / 2**30:.1f}G"
-
-    # ---- checkpoints --------------------------------------------------------------------------
-    def _weights(self) -> torch.nn.Module:
-        return self.ema.module if self.ema is not None else self.net
-
-    def _save_best(self, epoch: int) -> None:
-        ckpt = st.make_checkpoint(self._weights(), self.dataset, self.params, epoch=epoch + 1,
-                                  iteration=self.global_iter, mAP=self.best_map)
-        save_atomic(ckpt, self.best_path)
-
-    def _save_last(self, epoch: int, batch: int, finished: bool) -> None:
-        """last.pt at `batch` batches into epoch `epoch` (0-based): where a resumed run continues."""
-        ts = {
-            "version": st.STATE_VERSION, "fingerprint": self.fp, "fingerprint_payload": self.payload,
-            "finished": finished, "epoch": epoch, "batch": batch, "global_iter": self.global_iter,
-            "best_map": self.best_map, "best_epoch": self.best_epoch,
-            "model": self.net.state_dict(), "optimizer": optimizer_state(self.optimizer),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "ema": self.ema.state_dict() if self.ema else None, "rng": st.capture_rng(),
-            "distill_adapters": self.distiller.adapters.state_dict() if self.distiller else None,
-            "meters": self.meter.state_dict(), "images_seen": self.images_seen,
-            "train_seconds": self.train_seconds, "world_size": self.info.world_size, "lr": self.lr,
-            "last_metrics": self.last_metrics,
-        }
-        ckpt = st.make_checkpoint(self._weights(), self.dataset, self.params, epoch=epoch,
-                                  iteration=self.global_iter, mAP=self.best_map, train_state=ts)
-        save_atomic(ckpt, self.last_path)
 
     def _result(self, resumed: bool) -> TrainResult:
         return TrainResult(self.out_dir, self.last_path, self.best_path if self.best_path.exists() else None,

@@ -5,12 +5,17 @@ as uint8 batches in pinned memory when they fit in `cache_bytes`, else read each
 persistent loader workers) and the COCO ground truth. Each validation then only runs the model over the batches
 on its device, the shared batched post-process (rtmdet.inference.postprocess) and the COCO
 scoring: the numbers `rtmdet evaluate` gives for the same weights.
+
+The trainer uses `submit`: the GPU part runs at once, the scoring (COCOeval on the CPU, as long
+as the inference or longer) in a process of its own (rtmdet.evaluation.score_process) while the
+next epoch trains.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -19,7 +24,8 @@ from torch import nn
 
 from rtmdet.data.loader import ValDataset, build_dataloader
 from rtmdet.data.records import DetectionDataset, DetectionSplit
-from rtmdet.evaluation.coco_eval import coco_gt_from_split, coco_results_from_arrays, evaluate_results
+from rtmdet.evaluation.coco_eval import CocoScorer, coco_gt_from_split
+from rtmdet.evaluation.score_process import ScoreProcess, score_table
 from rtmdet.inference.postprocess import PostprocessConfig, postprocess_batch
 
 CACHE_BYTES = 2 << 30  # 2 GiB of uint8 canvases: COCO's 5,000 val images at 416 px, facemask's at 2,000+
@@ -30,10 +36,13 @@ class Validator:
 
     def __init__(self, split: DetectionSplit, dataset: DetectionDataset, imgsz: int, device: torch.device,
                  batch_size: int = 32, workers: int = 2, cache_bytes: int = CACHE_BYTES,
-                 postprocess: PostprocessConfig = PostprocessConfig()):
+                 postprocess: PostprocessConfig = PostprocessConfig(), background: bool = False):
+        """background: start the scoring process now, for `submit` (training); else scoring runs
+        in this process."""
         self.split, self.dataset, self.imgsz, self.device = split, dataset, imgsz, device
         self.postprocess = postprocess
         self.gt = coco_gt_from_split(split, dataset)
+        self.scorer = CocoScorer(self.gt, dataset.classes, dataset.category_ids)
         self.ids = [int(r.image_id) for r in split.records]
         fits = len(split.records) * 3 * imgsz * imgsz <= cache_bytes
         self.loader = build_dataloader(ValDataset(split.records, imgsz), batch_size, num_workers=workers,
@@ -41,6 +50,7 @@ class Validator:
         self.cache: list[dict[str, Any]] | None = [] if fits else None
         self.cached = False  # the cache holds the whole split (a validation cut short leaves it partial)
         self.seconds: dict[str, float] = {}  # where the last validation spent its time
+        self.scoring = ScoreProcess(self.gt, dataset.classes, dataset.category_ids, self.ids) if background else None
         # Start the loader's workers now, before torch.compile's machinery (threads, compile
         # workers) is loaded: forking a process that runs threads can deadlock the child.
         if fits:
@@ -61,16 +71,47 @@ class Validator:
             yield batch
         self.cached = self.cache is not None
 
-    @torch.inference_mode()
     def __call__(self, model: nn.Module) -> dict[str, Any]:
         """COCO metrics of `model` (EvalResult.to_metrics()); the model's train/eval mode is kept."""
+        table = self.infer(model)
+        return self._finish(score_table(self.scorer, np.asarray(self.ids, np.int64), table))
+
+    def submit(self, model: nn.Module) -> Future:
+        """Infer now (the GPU part) and score in the scoring process (the CPU part, COCOeval):
+        training goes on meanwhile. Pass the future to `collect` for __call__'s metrics; one
+        validation at a time."""
+        if self.scoring is None:
+            raise RuntimeError("Validator.submit needs a Validator built with background=True")
+        return self.scoring.submit(self.infer(model))
+
+    def collect(self, future: Future) -> dict[str, Any]:
+        return self._finish(future.result())
+
+    def _finish(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        self.seconds["scoring"] = metrics.pop("scoring_s")
+        metrics["images_per_s"] = len(self.ids) / max(self.seconds["inference"], 1e-9)
+        return metrics
+
+    def close(self) -> None:
+        if self.scoring is not None:
+            self.scoring.close()
+            self.scoring = None
+        self.loader.close()
+
+    @torch.inference_mode()
+    def infer(self, model: nn.Module) -> np.ndarray:
+        """Every image's detections as one table: [x1, y1, x2, y2, score, label, image index]."""
         was_training = model.training
         model.eval()
         start = time.perf_counter()
-        parts, seen = [], 0
+        parts, seen, model_s, post_s = [], 0, 0.0, 0.0
         for batch in self._batches():
+            t0 = time.perf_counter()
             images = batch["images"].to(self.device, non_blocking=True)
             cls_scores, bbox_preds = model(model.normalize(images))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # one per batch: splits model from post-process time
+            t1 = time.perf_counter()
             scale, ori = batch["scale_wh"].tolist(), batch["ori_hw"].tolist()
             found = postprocess_batch(cls_scores, bbox_preds, tuple(model.strides), (self.imgsz, self.imgsz),
                                       scale, ori, self.postprocess)
@@ -81,15 +122,7 @@ class Validator:
                                     torch.cat([lab for _, _, lab in found])[:, None].float(), ids[:, None].float()],
                                    dim=1).cpu().numpy())
             seen += len(found)
-        table = np.concatenate(parts) if parts else np.zeros((0, 7), np.float32)
-        image_ids = np.asarray(self.ids, np.int64)[table[:, 6].astype(np.int64)]
-        results = coco_results_from_arrays(image_ids, table[:, :4], table[:, 4], table[:, 5].astype(np.int64),
-                                           self.dataset.category_ids)
-        inference = time.perf_counter()
-        result = evaluate_results(self.gt, results, self.dataset.classes, self.dataset.category_ids)
-        end = time.perf_counter()
+            model_s, post_s = model_s + t1 - t0, post_s + time.perf_counter() - t1
         model.train(was_training)
-        self.seconds = {"inference": inference - start, "scoring": end - inference}
-        metrics = result.to_metrics()
-        metrics["images_per_s"] = len(self.ids) / max(inference - start, 1e-9)
-        return metrics
+        self.seconds = {"inference": time.perf_counter() - start, "model": model_s, "postprocess": post_s}
+        return np.concatenate(parts) if parts else np.zeros((0, 7), np.float32)
