@@ -103,7 +103,7 @@ class ScoreProcess:
         except OSError:
             pass
         try:
-            child.wait(timeout=10)
+            child.wait(timeout=5)  # a process forked since holds the pipe open: then end it
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()

@@ -93,10 +93,12 @@ class Validator:
         return metrics
 
     def close(self) -> None:
+        # Loader workers first: forked after the scoring process started, they hold its pipe
+        # open, and it ends when the pipe closes.
+        self.loader.close()
         if self.scoring is not None:
             self.scoring.close()
             self.scoring = None
-        self.loader.close()
 
     @torch.inference_mode()
     def infer(self, model: nn.Module) -> np.ndarray:
