@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 import cv2
 import numpy as np
 
-from rtmdet.data.transforms import Canvas, Layer, clip_boxes
+from rtmdet.data.transforms import Canvas, Layer, clip_boxes, clip_targets
 from rtmdet.inference.preprocess import PAD_VALUE
 
 T = TypeVar("T")
@@ -23,12 +23,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Sample:
-    """A decoded image with its targets (xyxy float32 boxes, int64 labels). Treated as immutable."""
+    """A decoded image with its targets (xyxy float32 boxes, int64 labels, and for the segment
+    task one bool mask [H, W] per box). Treated as immutable."""
 
     image: np.ndarray
     boxes: np.ndarray
     labels: np.ndarray
     image_id: int
+    masks: np.ndarray | None = None  # [K, H, W] bool
 
 
 @dataclass
@@ -84,7 +86,8 @@ def mosaic(
     lo, hi = center_ratio_range
     cx = int(rng.uniform(lo, hi) * img_scale)
     cy = int(rng.uniform(lo, hi) * img_scale)
-    layers, all_boxes, all_labels = [], [], []
+    layers, all_boxes, all_labels, all_instances = [], [], [], []
+    with_masks = samples[0].masks is not None
     for loc, s in enumerate(samples[:4]):
         h0, w0 = s.image.shape[:2]
         ratio = min(img_scale / h0, img_scale / w0)
@@ -93,14 +96,20 @@ def mosaic(
         clip, (ox, oy) = _mosaic_quadrant(loc, cx, cy, w, h, size, size)
         if clip[2] <= clip[0] or clip[3] <= clip[1]:
             continue
-        layers.append(Layer(s.image, (sx, sy), (float(ox), float(oy)), tuple(float(v) for v in clip)))
+        layers.append(Layer(s.image, (sx, sy), (float(ox), float(oy)), tuple(float(v) for v in clip), s.masks))
         if len(s.boxes):
             all_boxes.append(s.boxes * np.array([sx, sy, sx, sy], np.float32) + np.array([ox, oy, ox, oy], np.float32))
             all_labels.append(s.labels)
+            if with_masks:
+                k = len(s.boxes)
+                all_instances.append(np.stack([np.full(k, len(layers) - 1, np.int64), np.arange(k)], axis=1))
     boxes = np.concatenate(all_boxes) if all_boxes else np.zeros((0, 4), np.float32)
     labels = np.concatenate(all_labels) if all_labels else np.zeros((0,), np.int64)
-    boxes, labels = clip_boxes(boxes, labels, size, size)
-    return Canvas(size, size, tuple(layers), boxes, labels, samples[0].image_id, fill)
+    instances = None
+    if with_masks:
+        instances = np.concatenate(all_instances) if all_instances else np.zeros((0, 2), np.int64)
+    boxes, labels, instances = clip_targets(boxes, labels, instances, size, size)
+    return Canvas(size, size, tuple(layers), boxes, labels, samples[0].image_id, fill, instances)
 
 
 @dataclass(frozen=True)
@@ -133,19 +142,25 @@ def mixup(sample: Sample, partner: Sample, params: MixUpParams, rng: np.random.G
     s = params.img_scale
     ph, pw = partner.image.shape[:2]
     ratio = min(s / ph, s / pw)
+    masks = partner.masks
     if ratio == 1.0 and jit == 1.0 and (ph, pw) == (s, s):
         out = partner.image  # the RTMDet case: the partner is already an S x S training sample
     else:
+        masks = None if masks is None else _fit_masks(masks, s, ratio, jit)
         out = np.full((s, s, 3), params.pad_value, np.uint8)
         rw, rh = max(int(pw * ratio), 1), max(int(ph * ratio), 1)
         out[:rh, :rw] = cv2.resize(partner.image, (rw, rh), interpolation=cv2.INTER_LINEAR)
         out = cv2.resize(out, (max(int(s * jit), 1), max(int(s * jit), 1)), interpolation=cv2.INTER_LINEAR)
     ratio *= jit
     oh, ow = out.shape[:2]
-    boxes, labels = clip_boxes(partner.boxes * np.float32(ratio), partner.labels, ow, oh)
+    rows = np.arange(len(partner.boxes))
+    boxes, rows = clip_boxes(partner.boxes * np.float32(ratio), rows, ow, oh)
+    labels = partner.labels[rows]
+    masks = None if masks is None else masks[rows]
     if flip:
         out = cv2.flip(out, 1)
         boxes = np.stack([ow - boxes[:, 2], boxes[:, 1], ow - boxes[:, 0], boxes[:, 3]], axis=1)
+        masks = None if masks is None else masks[:, :, ::-1]
     th, tw = sample.image.shape[:2]
     if (oh, ow) == (th, tw):
         patch, x_off, y_off = out, 0, 0
@@ -156,7 +171,13 @@ def mixup(sample: Sample, partner: Sample, params: MixUpParams, rng: np.random.G
         x_off = int(rng.integers(0, padded.shape[1] - tw)) if padded.shape[1] > tw else 0
         patch = padded[y_off : y_off + th, x_off : x_off + tw]
     boxes = boxes - np.array([x_off, y_off, x_off, y_off], np.float32)
-    boxes, labels = clip_boxes(boxes, labels, tw, th)
+    rows = np.arange(len(boxes))
+    boxes, rows = clip_boxes(boxes, rows, tw, th)
+    labels = labels[rows]
+    if masks is not None:
+        window = np.zeros((len(masks), max(oh, th), max(ow, tw)), bool)
+        window[:, :oh, :ow] = masks
+        masks = window[rows, y_off : y_off + th, x_off : x_off + tw]
     # mmdet's blend uint8(0.5 * a + 0.5 * b) == floor((a + b) / 2) == (a & b) + ((a ^ b) >> 1),
     # which stays in uint8 (15x faster than going through float).
     a = sample.image
@@ -166,4 +187,18 @@ def mixup(sample: Sample, partner: Sample, params: MixUpParams, rng: np.random.G
         np.concatenate([sample.boxes, boxes]).astype(np.float32),
         np.concatenate([sample.labels, labels]).astype(np.int64),
         sample.image_id,
+        None if sample.masks is None else np.concatenate([sample.masks, masks]),
     )
+
+
+def _fit_masks(masks: np.ndarray, s: int, ratio: float, jit: float) -> np.ndarray:
+    """A partner's masks through mixup's own two resizes of its image: fit into s x s from the
+    top-left by `ratio`, then the whole s x s square scaled by `jit`."""
+    h, w = masks.shape[1:]
+    rw, rh, side = max(int(w * ratio), 1), max(int(h * ratio), 1), max(int(s * jit), 1)
+    out = np.zeros((len(masks), side, side), bool)
+    for k, m in enumerate(masks):
+        square = np.zeros((s, s), np.uint8)
+        square[:rh, :rw] = cv2.resize(m.view(np.uint8) * np.uint8(255), (rw, rh), interpolation=cv2.INTER_LINEAR)
+        out[k] = cv2.resize(square, (side, side), interpolation=cv2.INTER_LINEAR) >= 128
+    return out

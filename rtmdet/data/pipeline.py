@@ -33,12 +33,14 @@ from rtmdet.data.transforms import (
     Canvas,
     canvas_from_image,
     clip_boxes,
+    pad_masks_to,
     pad_to,
     random_crop,
     random_flip,
     random_hsv,
     random_resize,
     render,
+    render_masks,
 )
 from rtmdet.errors import ConfigError
 from rtmdet.inference.preprocess import PAD_VALUE, letterbox
@@ -117,10 +119,12 @@ def sample_rng(key: SampleKey, position: int | None = None) -> np.random.Generat
 
 
 def _finish(canvas: Canvas, cfg: PipelineConfig, rng: np.random.Generator) -> Sample:
-    """Render a cropped canvas, then HSV, flip and pad to imgsz."""
+    """Render a cropped canvas (and its masks), then HSV, flip and pad to imgsz."""
     image = random_hsv(render(canvas), rng, cfg.hsv_deltas)
-    image, boxes = random_flip(image, canvas.boxes, rng, cfg.flip_prob)
-    return Sample(pad_to(image, cfg.imgsz, cfg.pad_value), boxes, canvas.labels, canvas.image_id)
+    masks = None if canvas.instances is None else render_masks(canvas)
+    image, boxes, masks = random_flip(image, canvas.boxes, rng, cfg.flip_prob, masks)
+    masks = None if masks is None else pad_masks_to(masks, cfg.imgsz)
+    return Sample(pad_to(image, cfg.imgsz, cfg.pad_value), boxes, canvas.labels, canvas.image_id, masks)
 
 
 class _BatchState:
@@ -142,7 +146,7 @@ def _stage1_before_mixup(
             partners = [state.mosaic.older(rng) for _ in range(3)]
             canvas = mosaic([raw, *partners], cfg.imgsz, cfg.mosaic_center_ratio, rng, cfg.pad_value)
         else:
-            canvas = canvas_from_image(raw.image, raw.boxes, raw.labels, raw.image_id, cfg.pad_value)
+            canvas = canvas_from_image(raw.image, raw.boxes, raw.labels, raw.image_id, cfg.pad_value, raw.masks)
         canvas = random_resize(canvas, 2 * cfg.imgsz, cfg.ratio_range, rng)
         cropped = random_crop(canvas, cfg.imgsz, rng, allow_negative_crop=attempt == cfg.max_refetch - 1)
         if cropped is not None:
@@ -194,7 +198,7 @@ def make_stage2_sample(key: SampleKey, source: SampleSource, cfg: PipelineConfig
     index = key.index
     for attempt in range(cfg.max_refetch):
         raw = source.load(index)
-        canvas = canvas_from_image(raw.image, raw.boxes, raw.labels, raw.image_id, cfg.pad_value)
+        canvas = canvas_from_image(raw.image, raw.boxes, raw.labels, raw.image_id, cfg.pad_value, raw.masks)
         canvas = random_resize(canvas, cfg.imgsz, cfg.ratio_range, rng)
         cropped = random_crop(canvas, cfg.imgsz, rng, allow_negative_crop=attempt == cfg.max_refetch - 1)
         if cropped is not None:

@@ -8,6 +8,11 @@ the very same scale + shift as the pixels) at a fraction of the cost.
 
 Boxes are float32 [K, 4] xyxy in canvas pixels, labels int64 [K]. Every step that clips boxes
 drops the ones that end up thinner than `min_size` pixels, together with their labels.
+
+Instance masks (the segment task) ride along the same way: a layer keeps its source image's
+masks [k, h, w] untouched, the canvas keeps, per box, which layer and which of its masks the box
+belongs to (`instances`), and `render_masks` draws the survivors with the layers' own scale and
+shift. Without masks (`instances` None) none of this costs anything.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Layer:
     scale: tuple[float, float]  # (sx, sy)
     offset: tuple[float, float]  # (tx, ty)
     clip: tuple[float, float, float, float]  # x1, y1, x2, y2 in canvas pixels
+    masks: np.ndarray | None = None  # [k, H, W] bool instance masks of `image`, never modified
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class Canvas:
     labels: np.ndarray
     image_id: int
     fill: int = PAD_VALUE
+    instances: np.ndarray | None = None  # [K, 2] int64 per box: (layer index, mask index in that layer)
 
 
 def clip_boxes(
@@ -59,14 +66,29 @@ def clip_boxes(
     return out[keep], labels[keep].astype(np.int64, copy=False)
 
 
+def clip_targets(
+    boxes: np.ndarray, labels: np.ndarray, instances: np.ndarray | None, width: float, height: float,
+    min_size: float = DEFAULT_MIN_BOX_SIZE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """clip_boxes, with the per-box instance rows (None: no masks) kept in step."""
+    if instances is None:
+        return (*clip_boxes(boxes, labels, width, height, min_size), None)
+    rows = np.arange(len(boxes))
+    boxes, kept = clip_boxes(boxes, rows, width, height, min_size)
+    return boxes, labels[kept].astype(np.int64, copy=False), instances[kept]
+
+
 def canvas_from_image(
-    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, image_id: int = -1, fill: int = PAD_VALUE
+    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, image_id: int = -1, fill: int = PAD_VALUE,
+    masks: np.ndarray | None = None,
 ) -> Canvas:
-    """Wrap one decoded image and its targets as an identity canvas."""
+    """Wrap one decoded image and its targets (and its instance masks, one per box) as an identity canvas."""
     h, w = image.shape[:2]
-    layer = Layer(image, (1.0, 1.0), (0.0, 0.0), (0.0, 0.0, float(w), float(h)))
-    boxes, labels = clip_boxes(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64), w, h)
-    return Canvas(w, h, (layer,), boxes, labels, image_id, fill)
+    layer = Layer(image, (1.0, 1.0), (0.0, 0.0), (0.0, 0.0, float(w), float(h)), masks)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    instances = None if masks is None else np.stack([np.zeros(len(boxes), np.int64), np.arange(len(boxes))], axis=1)
+    boxes, labels, instances = clip_targets(boxes, np.asarray(labels, np.int64), instances, w, h)
+    return Canvas(w, h, (layer,), boxes, labels, image_id, fill, instances)
 
 
 def resize_canvas(canvas: Canvas, new_w: int, new_h: int, min_size: float = DEFAULT_MIN_BOX_SIZE) -> Canvas:
@@ -78,27 +100,34 @@ def resize_canvas(canvas: Canvas, new_w: int, new_h: int, min_size: float = DEFA
             (ly.scale[0] * sx, ly.scale[1] * sy),
             (ly.offset[0] * sx, ly.offset[1] * sy),
             (ly.clip[0] * sx, ly.clip[1] * sy, ly.clip[2] * sx, ly.clip[3] * sy),
+            ly.masks,
         )
         for ly in canvas.layers
     )
     boxes = canvas.boxes * np.array([sx, sy, sx, sy], np.float32)
-    boxes, labels = clip_boxes(boxes, canvas.labels, new_w, new_h, min_size)
-    return replace(canvas, width=new_w, height=new_h, layers=layers, boxes=boxes, labels=labels)
+    boxes, labels, instances = clip_targets(boxes, canvas.labels, canvas.instances, new_w, new_h, min_size)
+    return replace(canvas, width=new_w, height=new_h, layers=layers, boxes=boxes, labels=labels, instances=instances)
 
 
 def crop_canvas(
     canvas: Canvas, x0: int, y0: int, width: int, height: int, min_size: float = DEFAULT_MIN_BOX_SIZE
 ) -> Canvas:
     """Cut the window [x0, x0+width) x [y0, y0+height) out of the canvas; boxes follow."""
-    layers = []
-    for ly in canvas.layers:
+    layers, new_index = [], np.full(len(canvas.layers), -1, np.int64)
+    for i, ly in enumerate(canvas.layers):
         x1, y1 = max(ly.clip[0] - x0, 0.0), max(ly.clip[1] - y0, 0.0)
         x2, y2 = min(ly.clip[2] - x0, float(width)), min(ly.clip[3] - y0, float(height))
         if x2 > x1 and y2 > y1:
-            layers.append(Layer(ly.image, ly.scale, (ly.offset[0] - x0, ly.offset[1] - y0), (x1, y1, x2, y2)))
+            new_index[i] = len(layers)
+            layers.append(Layer(ly.image, ly.scale, (ly.offset[0] - x0, ly.offset[1] - y0), (x1, y1, x2, y2), ly.masks))
     boxes = canvas.boxes - np.array([x0, y0, x0, y0], np.float32)
-    boxes, labels = clip_boxes(boxes, canvas.labels, width, height, min_size)
-    return replace(canvas, width=width, height=height, layers=tuple(layers), boxes=boxes, labels=labels)
+    boxes, labels, instances = clip_targets(boxes, canvas.labels, canvas.instances, width, height, min_size)
+    if instances is not None:  # a box lies inside its layer's clip, so its layer is still there
+        instances = np.stack([new_index[instances[:, 0]], instances[:, 1]], axis=1)
+        if (instances[:, 0] < 0).any():
+            raise AssertionError("a box outlived its layer in a crop")
+    return replace(canvas, width=width, height=height, layers=tuple(layers), boxes=boxes, labels=labels,
+                   instances=instances)
 
 
 def random_resize(
@@ -139,7 +168,8 @@ def _source_span(p1: int, p2: int, scale: float, offset: float, size: int) -> in
     return min(max(math.floor(first) - 2 - math.ceil(1 / scale), 0), size)
 
 
-def _render_scaled(layer: Layer, px: tuple[int, int], py: tuple[int, int]) -> tuple[np.ndarray, int, int]:
+def _render_scaled(layer: Layer, px: tuple[int, int], py: tuple[int, int],
+                   source: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
     """The layer's pixels for output spans px, py: (patch, x, y) with patch's top-left at (x, y).
 
     cv2.resize of just the source window the spans need (10x faster than warpAffine here),
@@ -147,11 +177,12 @@ def _render_scaled(layer: Layer, px: tuple[int, int], py: tuple[int, int]) -> tu
     to whole pixels, so a layer may sit up to 0.5 px off its exact place (boxes are exact).
     """
     (sx, sy), (tx, ty) = layer.scale, layer.offset
-    h, w = layer.image.shape[:2]
+    source = layer.image if source is None else source  # or one of its masks, as uint8
+    h, w = source.shape[:2]
     x0, y0 = _source_span(px[0], px[1], sx, tx, w), _source_span(py[0], py[1], sy, ty, h)
     x1 = min(math.ceil((px[1] - tx) / sx) + 3 + math.ceil(1 / sx), w)
     y1 = min(math.ceil((py[1] - ty) / sy) + 3 + math.ceil(1 / sy), h)
-    patch = cv2.resize(layer.image[y0:y1, x0:x1], None, fx=sx, fy=sy, interpolation=cv2.INTER_LINEAR)
+    patch = cv2.resize(source[y0:y1, x0:x1], None, fx=sx, fy=sy, interpolation=cv2.INTER_LINEAR)
     # resized pixel j is canvas pixel j + x0 * sx + tx (both use centre-aligned mapping)
     ox, oy = round(x0 * sx + tx), round(y0 * sy + ty)
     if ox > px[0] or oy > py[0] or ox + patch.shape[1] < px[1] or oy + patch.shape[0] < py[1]:
@@ -176,6 +207,29 @@ def render(canvas: Canvas) -> np.ndarray:
             continue
         patch, ox, oy = _render_scaled(ly, (px1, px2), (py1, py2))
         out[py1:py2, px1:px2] = patch[py1 - oy : py2 - oy, px1 - ox : px2 - ox]
+    return out
+
+
+def render_masks(canvas: Canvas) -> np.ndarray:
+    """The instance masks of the canvas's boxes, [K, height, width] bool, drawn as `render` draws
+    the pixels (bilinear, then >= 0.5), each cut to its layer's visible rectangle."""
+    out = np.zeros((len(canvas.boxes), canvas.height, canvas.width), bool)
+    if canvas.instances is None or not len(out):
+        return out
+    for k, (li, mi) in enumerate(canvas.instances.tolist()):
+        ly = canvas.layers[li]
+        px1, px2 = _pixel_span(ly.clip[0], ly.clip[2], canvas.width)
+        py1, py2 = _pixel_span(ly.clip[1], ly.clip[3], canvas.height)
+        if px2 <= px1 or py2 <= py1:
+            continue
+        source = ly.masks[mi].view(np.uint8) * np.uint8(255)
+        (sx, sy), (tx, ty) = ly.scale, ly.offset
+        if sx == 1.0 and sy == 1.0 and float(tx).is_integer() and float(ty).is_integer():
+            patch = source[py1 - int(ty) : py2 - int(ty), px1 - int(tx) : px2 - int(tx)]
+        else:
+            full, ox, oy = _render_scaled(ly, (px1, px2), (py1, py2), source)
+            patch = full[py1 - oy : py2 - oy, px1 - ox : px2 - ox]
+        out[k, py1:py2, px1:px2] = patch >= 128
     return out
 
 
@@ -214,12 +268,23 @@ def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def random_flip(
-    image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, prob: float = 0.5
-) -> tuple[np.ndarray, np.ndarray]:
-    """mmdet RandomFlip(direction='horizontal') with probability prob."""
+    image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, prob: float = 0.5,
+    masks: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """mmdet RandomFlip(direction='horizontal') with probability prob; masks [K, H, W] flip along."""
     if rng.random() < prob:
-        return hflip(image, boxes)
-    return image, boxes
+        return (*hflip(image, boxes), None if masks is None else masks[:, :, ::-1])
+    return image, boxes, masks
+
+
+def pad_masks_to(masks: np.ndarray, size: int) -> np.ndarray:
+    """Pad [K, H, W] masks bottom/right to size x size with False (as pad_to pads the image)."""
+    k, h, w = masks.shape
+    if (h, w) == (size, size):
+        return np.ascontiguousarray(masks)
+    out = np.zeros((k, size, size), bool)
+    out[:, :h, :w] = masks
+    return out
 
 
 def pad_to(image: np.ndarray, size: int, value: int = PAD_VALUE) -> np.ndarray:
