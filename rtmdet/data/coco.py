@@ -21,14 +21,16 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from rtmdet.data.masks import check_segmentation
 from rtmdet.data.records import DetectionDataset, DetectionSplit, ImageRecord
 from rtmdet.data.validate import (
     REASONS, TRANSPOSING_ORIENTATIONS, CocoFile, ImageProbe, RawImage, clean_boxes, probe_images,
-    raw_to_oriented, read_coco_file,
+    raw_points_to_oriented, raw_to_oriented, read_coco_file,
 )
 from rtmdet.errors import DataError
 
@@ -43,8 +45,11 @@ PathLike = str | Path
 
 def load_dataset(root: PathLike | None = None, *,
                  splits: dict[str, tuple[PathLike, PathLike]] | None = None,
-                 check_images: bool = True) -> DetectionDataset:
+                 check_images: bool = True, masks: bool = False) -> DetectionDataset:
     """Read and validate a dataset; raise DataError when it cannot be used.
+
+    masks: also read each box's `segmentation` (the segment task): instances without a usable
+    one are dropped and counted, a segmentation of the wrong kind is an error.
 
     Give `root` (Roboflow or COCO layout) or `splits` (name -> (ann_file, img_dir), relative to
     root when root is given). With check_images every image is opened (size, EXIF orientation,
@@ -63,7 +68,7 @@ def load_dataset(root: PathLike | None = None, *,
     files = {name: read_coco_file(ann, need_sizes=not check_images) for name, (ann, _) in layout.items()}
     classes, category_ids, notes = build_classes(files)
     label_of = {cat_id: label for label, cat_id in enumerate(category_ids)}
-    result = {name: _build_split(name, files[name], img_dir, label_of, check_images)
+    result = {name: _build_split(name, files[name], img_dir, label_of, check_images, masks)
               for name, (_, img_dir) in layout.items()}
     return DetectionDataset(classes, category_ids, result, notes + _shared_images(result))
 
@@ -203,7 +208,7 @@ class _Tally:
 
 
 def _build_split(name: str, coco: CocoFile, img_dir: Path, label_of: dict[int, int],
-                 check_images: bool) -> DetectionSplit:
+                 check_images: bool, masks: bool = False) -> DetectionSplit:
     if not img_dir.is_dir():
         raise DataError(f'{img_dir}: image folder of the "{name}" split not found')
     if not coco.images:
@@ -221,7 +226,8 @@ def _build_split(name: str, coco: CocoFile, img_dir: Path, label_of: dict[int, i
             tally.lost_boxes[probe.status] += len(image.annotations)
             continue
         width, height, rotation = _image_size(image, probe, tally)
-        records.append(_make_record(image, path, width, height, rotation, label_of, tally))
+        records.append(_make_record(image, path, width, height, rotation, label_of, tally,
+                                    coco.path if masks else None))
     tally.log(coco, name)
     if not records:
         reasons = ", ".join(f"{r}: {c}" for r, c in tally.counts.items())
@@ -280,7 +286,8 @@ def _image_size(image: RawImage, probe: ImageProbe | None,
 
 def _make_record(image: RawImage, path: Path, width: int, height: int,
                  rotation: tuple[int, int, int] | None, label_of: dict[int, int],
-                 tally: _Tally) -> ImageRecord:
+                 tally: _Tally, masks_of: Path | None = None) -> ImageRecord:
+    """masks_of: the annotation file, when the boxes' segmentations are to be read too."""
     anns = image.annotations
     xywh = np.array([a.bbox for a in anns], np.float64).reshape(-1, 4)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
@@ -298,11 +305,42 @@ def _make_record(image: RawImage, path: Path, width: int, height: int,
     box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     areas = np.array([a.area if a.area is not None else box_area[i] for i, a in enumerate(kept)], np.float32)
     labels = np.array([label_of[a.category_id] for a in kept], np.int64)
-    return ImageRecord(
+    record = ImageRecord(
         image_id=image.image_id, file=path, width=width, height=height,
         boxes=boxes[~crowd].reshape(-1, 4), labels=labels[~crowd], areas=areas[~crowd].reshape(-1),
         crowd_boxes=boxes[crowd].reshape(-1, 4), crowd_labels=labels[crowd],
     )
+    if masks_of is None:
+        return record
+    return _with_masks(record, [a for a, c in zip(kept, crowd) if not c], rotation, tally, masks_of)
+
+
+def _with_masks(record: ImageRecord, box_anns: list, rotation: tuple[int, int, int] | None, tally: _Tally,
+                ann_file: Path) -> ImageRecord:
+    """The record with each box's checked segmentation (box_anns: the annotations of its boxes, in
+    order); boxes without a usable one dropped and counted."""
+    keep, segms = [], []
+    for k, ann in enumerate(box_anns):
+        where = f"annotation id {ann.ann_id} on image id {record.image_id} ({record.width}x{record.height})"
+        segm = ann.segmentation
+        if rotation is not None and isinstance(segm, dict):
+            tally.add("rle_on_rotated_image", 1, where)
+            continue
+        if rotation is not None and isinstance(segm, list):
+            segm = [raw_points_to_oriented(np.asarray(p, np.float64).reshape(-1, 2), *rotation).reshape(-1).tolist()
+                    if isinstance(p, list) else p for p in segm]
+        try:
+            reasons, usable = check_segmentation(segm, record.height, record.width)
+        except DataError as exc:
+            raise DataError(f"{ann_file}: {where}: {exc}") from None
+        for reason in reasons:
+            tally.add(reason, 1, where)
+        if usable is not None:
+            keep.append(k)
+            segms.append(usable)
+    keep_idx = np.asarray(keep, np.int64)
+    return replace(record, boxes=record.boxes[keep_idx].reshape(-1, 4), labels=record.labels[keep_idx],
+                   areas=record.areas[keep_idx], segmentations=segms)
 
 
 def summarize(dataset: DetectionDataset) -> dict:

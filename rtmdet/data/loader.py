@@ -44,6 +44,7 @@ from rtmdet.data.pipeline import (
     make_batch,
     make_val_sample,
 )
+from rtmdet.data.masks import segmentation_to_mask
 from rtmdet.data.records import ImageRecord
 from rtmdet.errors import DataError
 from rtmdet.imageio import read_image
@@ -52,11 +53,18 @@ log = logging.getLogger(__name__)
 
 
 def load_record(record: ImageRecord) -> Sample:
-    """Decode a record's image (BGR uint8) with its boxes and labels."""
+    """Decode a record's image (BGR uint8) with its boxes and labels, and its instance masks when
+    the record carries segmentations (the segment task)."""
     image = read_image(record.file)
     boxes = np.asarray(record.boxes, np.float32).reshape(-1, 4)
     labels = np.asarray(record.labels, np.int64).reshape(-1)
-    return Sample(image, boxes, labels, int(record.image_id))
+    masks = None
+    if record.segmentations is not None:
+        h, w = image.shape[:2]
+        masks = np.zeros((len(boxes), h, w), bool)
+        for k, segm in enumerate(record.segmentations):
+            masks[k] = segmentation_to_mask(segm, h, w)
+    return Sample(image, boxes, labels, int(record.image_id), masks)
 
 
 def _chw(image: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from rtmdet.errors import DataError
 
 REASONS = {
-    "no_mask": "annotations with a box but no segmentation",
+    "no_mask": "annotations with a box but no usable segmentation (instance dropped)",
     "degenerate_polygon": "polygons with under 3 points or no area (dropped from their mask)",
     "polygon_outside_image": "polygons with points more than 1 px outside the image (clipped by rasterizing)",
 }

@@ -28,6 +28,9 @@ class ImageRecord:
     areas: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
     crowd_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     crowd_labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    # With masks (the segment task): per box, its `segmentation` as polygons in these pixels or
+    # RLE, checked by rtmdet.data.masks.check_segmentation; None when masks were not read.
+    segmentations: list | None = None
 
 
 @dataclass

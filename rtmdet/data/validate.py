@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from rtmdet.data.masks import REASONS as MASK_REASONS
 from rtmdet.errors import DataError
 
 # Reason -> what the count means; the keys are the stable names in split.warnings and reports.
@@ -32,6 +33,9 @@ REASONS: dict[str, str] = {
     "unsupported_image": "image files in a format OpenCV cannot decode skipped",
     "exif_rotated": "images annotated before their EXIF rotation (boxes rotated to match)",
     "size_mismatch": "images whose JSON width/height differ from the pixels (pixel size used)",
+    # Instance masks (read only for the segment task, rtmdet.data.masks):
+    **MASK_REASONS,
+    "rle_on_rotated_image": "RLE masks of images annotated before their EXIF rotation (instance dropped)",
 }
 
 # PIL format names of the files that cv2.imdecode (rtmdet.imageio.read_image) can decode.
@@ -49,6 +53,7 @@ class RawAnnotation:
     bbox: tuple[float, float, float, float]  # x, y, width, height
     area: float | None
     crowd: bool
+    segmentation: Any = None  # as written (polygons or RLE); read only when masks are asked for
 
 
 @dataclass(slots=True)
@@ -217,8 +222,8 @@ def _parse_annotations(path: Path, entries: list, images: dict[int, RawImage],
         area = entry.get("area")
         # A missing, null or non-positive area is common in hand-made files; the box area replaces it.
         area = float(area) if _is_number(area) and area > 0 else None
-        image.annotations.append(
-            RawAnnotation(ann_id, category_id, tuple(float(v) for v in bbox), area, bool(crowd)))
+        image.annotations.append(RawAnnotation(ann_id, category_id, tuple(float(v) for v in bbox), area,
+                                               bool(crowd), entry.get("segmentation")))
 
 
 # ----------------------------------------------------------------------------- image files
@@ -307,6 +312,12 @@ def raw_to_oriented(xyxy: np.ndarray, orientation: int, raw_w: int, raw_h: int) 
     }
     nx, ny = maps[orientation]
     return np.stack([nx.min(1), ny.min(1), nx.max(1), ny.max(1)], axis=1).astype(np.float32)
+
+
+def raw_points_to_oriented(xy: np.ndarray, orientation: int, raw_w: int, raw_h: int) -> np.ndarray:
+    """raw_to_oriented for points [N, 2] (polygon vertices)."""
+    boxes = np.concatenate([xy, xy], axis=1)  # a point is a box with two equal corners
+    return raw_to_oriented(boxes, orientation, raw_w, raw_h)[:, :2]
 
 
 def clean_boxes(xyxy: np.ndarray, width: int,
