@@ -6,6 +6,8 @@ so the same reader that reads users' exports reads it. Four classes that differ 
 (circle, square, triangle, cross); colours, sizes, rotations, backgrounds and occlusion vary.
 The task is meant to be learnable by a nano model at 192 px in minutes on a CPU: objects are
 mostly 12-45 % of the image side (a fifth are smaller), 1-6 per image, ~7 % images empty.
+Each annotation's `segmentation` holds the object's visible pixels as polygons (what a Roboflow
+segmentation export writes), for the segment task.
 
     python -m rtmdet.data.synthetic OUT_DIR [--seed 0] [--train 400] [--valid 100]
 
@@ -43,6 +45,7 @@ class SyntheticImage:
     boxes: np.ndarray  # [K, 4] int64, tight around each object's visible pixels
     labels: np.ndarray  # [K] int64 indices into CLASSES
     id_map: np.ndarray  # HxW int16: object index at each pixel, -1 for background
+    objects: np.ndarray | None = None  # [K] int64: the id_map index of each box's object
 
 
 def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
@@ -139,18 +142,27 @@ def render_image(rng: np.random.Generator, width: int, height: int, n_objects: i
         areas.append(int(mask.sum()))
         labels.append(label)
     image += rng.normal(0, rng.uniform(2, 10), image.shape)
-    boxes, kept = [], []
+    boxes, kept, objects = [], [], []
     for k in range(len(areas)):
         ys, xs = np.nonzero(id_map == k)
         if len(xs):
             boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
             kept.append(labels[k])
+            objects.append(k)
     return SyntheticImage(
         np.clip(image, 0, 255).astype(np.uint8),
         np.array(boxes, np.int64).reshape(-1, 4),
         np.array(kept, np.int64),
         id_map,
+        np.array(objects, np.int64),
     )
+
+
+def visible_polygons(mask: np.ndarray) -> list[list[int]]:
+    """An object's visible pixels as Roboflow-style polygons (outer contours, x1 y1 x2 y2 ...);
+    parts too small to make a polygon (under 3 points) are left out."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    return [c.reshape(-1).tolist() for c in contours if len(c) >= 3]
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -177,11 +189,11 @@ def _split_json(seed: int, split: str, count: int, folder: Path, empty_fraction:
         assert ok, "OpenCV could not encode a JPEG"
         (folder / name).write_bytes(data.tobytes())
         images.append({"id": i, "license": 1, "file_name": name, "height": h, "width": w, "date_captured": DATE})
-        for (x1, y1, x2, y2), label in zip(synth.boxes.tolist(), synth.labels.tolist()):
+        for k, (x1, y1, x2, y2), label in zip(synth.objects.tolist(), synth.boxes.tolist(), synth.labels.tolist()):
             annotations.append({
                 "id": len(annotations), "image_id": i, "category_id": label + 1,
                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                "segmentation": [], "iscrowd": 0,
+                "segmentation": visible_polygons(synth.id_map == k), "iscrowd": 0,
             })
     categories = [{"id": 0, "name": SUPERCATEGORY, "supercategory": "none"}]
     categories += [{"id": k + 1, "name": n, "supercategory": SUPERCATEGORY} for k, n in enumerate(CLASSES)]
