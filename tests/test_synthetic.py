@@ -140,5 +140,6 @@ def test_masks_cover_each_shapes_visible_pixels(dataset):
         for m, k in zip(masks, synth.objects.tolist()):
             want = synth.id_map == k
             ious.append((m & want).sum() / (m | want).sum())
-    # Contour polygons run through boundary pixel centres: a half-pixel rim is lost on rasterizing.
-    assert len(ious) >= 20 and min(ious) > 0.75 and float(np.median(ious)) > 0.85, sorted(ious)[:5]
+    # Contour polygons run through the boundary pixels' centres: on rasterizing, a half-pixel rim
+    # goes, which costs small objects most (the smallest here: about 10 px across).
+    assert len(ious) >= 20 and min(ious) > 0.7 and float(np.median(ious)) > 0.9, sorted(ious)[:5]

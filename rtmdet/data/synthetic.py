@@ -158,11 +158,12 @@ def render_image(rng: np.random.Generator, width: int, height: int, n_objects: i
     )
 
 
-def visible_polygons(mask: np.ndarray) -> list[list[int]]:
-    """An object's visible pixels as Roboflow-style polygons (outer contours, x1 y1 x2 y2 ...);
-    parts too small to make a polygon (under 3 points) are left out."""
+def visible_polygons(mask: np.ndarray) -> list[list[float]]:
+    """An object's visible pixels as Roboflow-style polygons (outer contours, x1 y1 x2 y2 ...)
+    through the boundary pixels' centres (+0.5: pycocotools rasterizes them back closest to the
+    pixels, median IoU 0.96 vs 0.95 without); parts under 3 points are left out."""
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return [c.reshape(-1).tolist() for c in contours if len(c) >= 3]
+    return [(c.reshape(-1) + 0.5).tolist() for c in contours if len(c) >= 3]
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
