@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 from pathlib import Path
 
 import cv2
@@ -217,3 +219,34 @@ def test_show_data_grid(records, tmp_path, stage):
     grid = cv2.imread(str(out))
     assert grid is not None and grid.shape[1] == 3 * 320 + 2 * 4  # 3 columns of upscaled tiles
     assert grid.shape[0] > 2 * 320 and not list(tmp_path.glob(".*.tmp"))
+
+
+class _Dies:
+    """Garbage in a reference cycle that says which process destroyed it."""
+
+    def __init__(self, marker: Path):
+        self.marker, self.me = marker, self
+
+    def __del__(self):
+        self.marker.write_text(str(os.getpid()))
+
+
+class _CollectingValDataset(ValDataset):
+    def __getitem__(self, index: int):
+        gc.collect()  # what a worker's allocations trigger sooner or later
+        return super().__getitem__(index)
+
+
+def test_workers_never_destroy_the_parents_garbage(records, tmp_path: Path) -> None:
+    # A TFLite interpreter left in a cycle by an earlier export was once destroyed in a loader
+    # worker, where its destructor waited forever for thread-pool threads a fork does not copy.
+    # The parent's garbage must die in the parent, before the workers are forked.
+    marker = tmp_path / "destroyed_by"
+    _Dies(marker)
+    gc.disable()  # keep it uncollected until the loader starts its workers
+    try:
+        loader = build_dataloader(_CollectingValDataset(records[:2], 64), batch_size=2, num_workers=1)
+        list(loader)
+    finally:
+        gc.enable()
+    assert marker.read_text() == str(os.getpid())

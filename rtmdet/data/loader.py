@@ -20,6 +20,7 @@ and a batch is the same for 0, 1 or 8 workers (see rtmdet.data.pipeline).
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -310,9 +311,16 @@ class _ForkSafeLoader(DataLoader):
             return super()._get_iterator()
         previous = cv2.getNumThreads()
         cv2.setNumThreads(1)
+        # The parent's garbage dies in the parent: a worker's garbage collector once ran the
+        # destructor of a TFLite interpreter left by an earlier export, which joined thread-pool
+        # threads that do not exist in a forked child, and hung. What survives is frozen, so a
+        # worker never collects (or destroys) anything of the parent's.
+        gc.collect()
+        gc.freeze()
         try:
             return super()._get_iterator()
         finally:
+            gc.unfreeze()
             cv2.setNumThreads(previous)
 
     def close(self) -> None:
