@@ -90,9 +90,8 @@ class EpochEndMixin:
             if report.score is None:
                 self._flush_reports()
             if finished or self._epoch_write_due():
-                self._flush_reports()  # last.pt holds the outcome of every validation before it
                 if finished and not self.best_path.exists():  # no validation split: ship the final weights
-                    self._save_best(self._best_checkpoint(epoch), epoch)
+                    self._save_best(self._best_checkpoint(epoch))
                 self._save_last(epoch + 1, 0, finished=finished)
             kill_point("train:epoch")
         self.batch = 0
@@ -129,7 +128,7 @@ class EpochEndMixin:
                 report.metrics["val/mAP"], report.metrics["val/mAP50"] = val["mAP"], val["mAP50"]
                 if self.best_map is None or (val["mAP"] or 0.0) > self.best_map:
                     self.best_map, self.best_epoch = val["mAP"] or 0.0, report.epoch + 1
-                    self._save_best(report.best, report.epoch)
+                    self._save_best(report.best)
             self.live.log_epoch(report.epoch, report.metrics)
             self._log_summary(report, val)
 
@@ -163,7 +162,7 @@ class EpochEndMixin:
         ckpt["state_dict"] = {k: v.clone() for k, v in ckpt["state_dict"].items()}  # .cpu() of a CPU tensor is itself
         return ckpt
 
-    def _save_best(self, ckpt: dict[str, Any], epoch: int) -> None:
+    def _save_best(self, ckpt: dict[str, Any]) -> None:
         start = time.perf_counter()
         ckpt["meta"]["mAP"] = self.best_map
         save_atomic(ckpt, self.best_path)
@@ -179,7 +178,7 @@ class EpochEndMixin:
 
     def _save_last(self, epoch: int, batch: int, finished: bool) -> None:
         """last.pt at `batch` batches into epoch `epoch` (0-based): where a resumed run continues."""
-        self._flush_reports()
+        self._flush_reports()  # last.pt holds the outcome of every validation before it
         start = time.perf_counter()
         ts = {
             "version": st.STATE_VERSION, "fingerprint": self.fp, "fingerprint_payload": self.payload,
