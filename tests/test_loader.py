@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -250,3 +252,36 @@ def test_workers_never_destroy_the_parents_garbage(records, tmp_path: Path) -> N
     finally:
         gc.enable()
     assert marker.read_text() == str(os.getpid())
+
+
+_SET_AT_RUN_TIME = "imported"
+
+
+class _ReportingValDataset(ValDataset):
+    """Writes what the worker sees of this module's state: forked workers share the parent's."""
+
+    def __init__(self, records, size, marker: Path):
+        super().__init__(records, size)
+        self.marker = marker
+
+    def __getitem__(self, index: int):
+        self.marker.write_text(_SET_AT_RUN_TIME)
+        return super().__getitem__(index)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+def test_workers_are_forked_even_where_spawn_is_the_default(records, tmp_path: Path) -> None:
+    # A rank started by train.gpus is a spawned process, and spawn is its default start method:
+    # its loader's workers must still be forked (a spawned worker re-imports torch: 3-4 s each).
+    global _SET_AT_RUN_TIME
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("spawn", force=True)
+    _SET_AT_RUN_TIME = "set by the parent"
+    marker = tmp_path / "seen"
+    try:
+        loader = build_dataloader(_ReportingValDataset(records[:2], 64, marker), batch_size=2, num_workers=1)
+        assert len(list(loader)) == 1
+    finally:
+        _SET_AT_RUN_TIME = "imported"
+        multiprocessing.set_start_method(previous, force=True)
+    assert marker.read_text() == "set by the parent"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rtmdet.inference import postprocess
 from rtmdet.inference.postprocess import PostprocessConfig, postprocess_batch
 
 STRIDES = (8, 16, 32)
@@ -41,3 +42,26 @@ def test_nms_pre_keeps_the_best_per_image_and_level():
     for i, (_, scores, _) in enumerate(few):
         best = torch.stack([c[i].sigmoid().max() for c in cls])  # one candidate per level survives
         assert torch.equal(scores.sort(descending=True).values, best.sort(descending=True).values)
+
+
+@pytest.mark.parametrize("iou_thr", [0.5, 0.0], ids=["preselection-suffices", "falls-back-to-all"])
+def test_nms_of_the_best_candidates_first_changes_nothing(monkeypatch, iou_thr):
+    # ~1,300 candidates per image; preselecting the best 800 (8 x 100) must give the very same
+    # boxes when NMS keeps 100 or more of them, and fall back to all candidates when it keeps fewer
+    # (IoU threshold 0: any overlap suppresses).
+    cls, reg = _maps(2, 4, 128, seed=3)
+    args = (cls, reg, STRIDES, (128, 128), [(1.0, 1.0)] * 2, [(128, 128)] * 2,
+            PostprocessConfig(score_thr=0.001, iou_thr=iou_thr, max_per_img=100))
+    monkeypatch.setattr(postprocess, "PRESELECT", 10**9)
+    full = postprocess_batch(*args)
+    calls = []
+    real = postprocess.batched_nms
+    monkeypatch.setattr(postprocess, "batched_nms", lambda b, *a: calls.append(len(b)) or real(b, *a))
+    monkeypatch.setattr(postprocess, "PRESELECT", 0)
+    fast = postprocess_batch(*args)
+    for got, want in zip(fast, full):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    kept = [len(scores) for _, scores, _ in full]
+    assert calls[0] == 800 and (kept == [100, 100]) == (iou_thr == 0.5)
+    assert len(calls) == (2 if iou_thr == 0.5 else 4)  # per image: the best 800, then all of them if needed

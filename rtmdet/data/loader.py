@@ -23,6 +23,8 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import multiprocessing
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -297,6 +299,14 @@ def _worker_init(worker_id: int) -> None:
     np.random.seed(torch.initial_seed() % 2**32)
 
 
+def worker_context() -> Any:
+    """How loader workers start: forked on Linux, whatever the process's default. A rank started
+    by train.gpus (spawned, so spawn is its default too) would otherwise spawn each worker, a
+    fresh interpreter importing torch, one after the other: 3-4 s each, a minute for 14 train
+    and 4 validation workers. Elsewhere (macOS, Windows) the platform's default."""
+    return multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+
+
 class _ForkSafeLoader(DataLoader):
     """A DataLoader whose forked workers start with OpenCV single-threaded.
 
@@ -363,5 +373,6 @@ def build_dataloader(
         persistent_workers=(workers > 0) if persistent_workers is None else (persistent_workers and workers > 0),
         prefetch_factor=prefetch_factor if workers > 0 else None,
         worker_init_fn=_worker_init if workers > 0 else None,
+        multiprocessing_context=worker_context() if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )

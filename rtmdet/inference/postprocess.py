@@ -12,6 +12,10 @@ import torch
 from torchvision.ops import batched_nms
 
 
+# NMS of an image's best candidates first (exact, see _nms): at least this many, and 8 x max_per_img.
+PRESELECT = 4096
+
+
 @dataclass(frozen=True)
 class PostprocessConfig:
     """mmdetection's test_cfg defaults."""
@@ -83,11 +87,31 @@ def postprocess_batch(
     out = []
     for (b, s, lab), (h0, w0) in zip(zip(boxes.split(counts), scores.split(counts), labels.split(counts)), ori_hw):
         if b.numel():
-            keep = batched_nms(b, s, lab, cfg.iou_thr)[: cfg.max_per_img]
+            keep = _nms(b, s, lab, cfg)
             b, s, lab = b[keep], s[keep], lab[keep]
         b = torch.stack((b[:, 0].clamp(0, w0), b[:, 1].clamp(0, h0), b[:, 2].clamp(0, w0), b[:, 3].clamp(0, h0)), dim=-1)
         out.append((b, s, lab))
     return out
+
+
+def _nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cfg: PostprocessConfig) -> torch.Tensor:
+    """Class-aware NMS, the first max_per_img kept, in score order; of the best candidates first.
+
+    Greedy NMS decides each box by the higher-scoring boxes alone, so NMS of the best m keeps
+    exactly the full NMS's kept boxes among them, in the same order: when that is max_per_img or
+    more, they are the answer (no score tie across the cut); else the full NMS runs. An
+    untrained model at 640 px has ~25,000 candidates per image over score_thr 0.001, and NMS's
+    pairwise mask grows with their square (78 MB per image, copied to the host): m of them cost
+    a fraction."""
+    m = max(PRESELECT, 8 * cfg.max_per_img)
+    if scores.numel() > m:
+        top, idx = scores.topk(m + 1)
+        if bool(top[m - 1] > top[m]):
+            idx = idx[:m]
+            keep = batched_nms(boxes[idx], scores[idx], labels[idx], cfg.iou_thr)
+            if keep.numel() >= cfg.max_per_img:
+                return idx[keep[: cfg.max_per_img]]
+    return batched_nms(boxes, scores, labels, cfg.iou_thr)[: cfg.max_per_img]
 
 
 def _level_candidates(cls: torch.Tensor, reg: torch.Tensor, stride: int, canvas_hw: tuple[int, int],
