@@ -82,6 +82,7 @@ class StepGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.side = torch.cuda.Stream(device)
         self.captures = 0
+        self.eager_steps = 0  # warm-up (and failed-capture) steps run eagerly
 
     def release_lr(self) -> None:
         """Give the optimizer python-float lrs again (leaving graph mode)."""
@@ -139,6 +140,7 @@ class StepGraphs:
     def _eager(self, slot: _Graph) -> dict[str, Tensor]:
         """A warm-up step: the body run eagerly on a side stream, as capture will see it."""
         start = time.perf_counter()
+        self.eager_steps += 1
         main = torch.cuda.current_stream(self.device)
         self.side.wait_stream(main)
         with torch.cuda.stream(self.side):
