@@ -60,6 +60,7 @@ class ModelParams:
 
     size: str = "nano"
     imgsz: int = 192
+    task: str = "detect"  # detect (boxes) or segment (RTMDet-Ins: boxes and instance masks)
     act: str | None = None
     channel_attention: bool | None = None
     normalization: str | None = None

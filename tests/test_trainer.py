@@ -24,7 +24,7 @@ from rtmdet.config import DataParams, ModelParams, TrainParams
 from rtmdet.errors import ConfigError
 from rtmdet.training import TrainingError, train
 from rtmdet.training import epoch_end
-from rtmdet.training import trainer as trainer_mod
+from rtmdet.training import tasks
 
 REPO = Path(__file__).resolve().parents[1]
 COLORS = [(40, 40, 220), (40, 200, 40)]
@@ -238,7 +238,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
 
-    class PoisonedLoss(trainer_mod.RTMDetLoss):
+    class PoisonedLoss(tasks.RTMDetLoss):
         def normalize(self, *args, **kwargs):  # the trainer's last loss step (after `sums`)
             out = super().normalize(*args, **kwargs)
             calls["n"] += 1
@@ -246,7 +246,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
                 out = {**out, "loss": out["loss"] * float("nan"), "loss_cls": out["loss_cls"] * float("nan")}
             return out
 
-    monkeypatch.setattr(trainer_mod, "RTMDetLoss", PoisonedLoss)
+    monkeypatch.setitem(tasks.TRAIN_TASKS, "detect", replace(tasks.TRAIN_TASKS["detect"], loss=PoisonedLoss))
     out = tmp_path / "nan"
     with pytest.raises(TrainingError) as err:
         train(*_params(data_root, ckpt_interval_s=0.0, log_interval=2), out, progress=False)

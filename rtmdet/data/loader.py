@@ -47,7 +47,7 @@ from rtmdet.data.pipeline import (
     make_batch,
     make_val_sample,
 )
-from rtmdet.data.masks import segmentation_to_mask
+from rtmdet.data.masks import mask_loss_targets, segmentation_to_mask
 from rtmdet.data.records import ImageRecord
 from rtmdet.errors import DataError
 from rtmdet.imageio import read_image
@@ -55,19 +55,19 @@ from rtmdet.imageio import read_image
 log = logging.getLogger(__name__)
 
 
-def load_record(record: ImageRecord) -> Sample:
+def load_record(record: ImageRecord, masks: bool = True) -> Sample:
     """Decode a record's image (BGR uint8) with its boxes and labels, and its instance masks when
-    the record carries segmentations (the segment task)."""
+    the record carries segmentations (the segment task) and `masks` is true."""
     image = read_image(record.file)
     boxes = np.asarray(record.boxes, np.float32).reshape(-1, 4)
     labels = np.asarray(record.labels, np.int64).reshape(-1)
-    masks = None
-    if record.segmentations is not None:
+    decoded = None
+    if masks and record.segmentations is not None:
         h, w = image.shape[:2]
-        masks = np.zeros((len(boxes), h, w), bool)
+        decoded = np.zeros((len(boxes), h, w), bool)
         for k, segm in enumerate(record.segmentations):
-            masks[k] = segmentation_to_mask(segm, h, w)
-    return Sample(image, boxes, labels, int(record.image_id), masks)
+            decoded[k] = segmentation_to_mask(segm, h, w)
+    return Sample(image, boxes, labels, int(record.image_id), decoded)
 
 
 def _chw(image: np.ndarray) -> np.ndarray:
@@ -78,12 +78,16 @@ def _chw(image: np.ndarray) -> np.ndarray:
 
 
 def _to_item(sample: Sample) -> dict[str, Any]:
-    return {
+    item = {
         "image": torch.from_numpy(_chw(sample.image)),
         "boxes": torch.from_numpy(np.ascontiguousarray(sample.boxes, np.float32)).reshape(-1, 4),
         "labels": torch.from_numpy(np.ascontiguousarray(sample.labels, np.int64)).reshape(-1),
         "image_id": sample.image_id,
     }
+    if sample.masks is not None:  # the segment task: only what its loss reads (see mask_loss_targets)
+        sampled, centers = mask_loss_targets(sample.masks)
+        item["masks"], item["mask_centers"] = torch.from_numpy(sampled), torch.from_numpy(centers)
+    return item
 
 
 class TrainDataset(Dataset):
@@ -150,7 +154,7 @@ class ValDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        raw = load_record(record)
+        raw = load_record(record, masks=False)  # validation scores against the annotation file itself
         sample, scale_wh = make_val_sample(raw, self.imgsz)
         item = _to_item(sample)
         item["scale_wh"] = scale_wh
@@ -273,7 +277,8 @@ def _stack_images(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images; pad boxes [N, M, 4] and labels [N, M] with -1 (M >= 1; valid = labels >= 0)."""
+    """Stack images; pad boxes [N, M, 4] and labels [N, M] with -1 (M >= 1; valid = labels >= 0);
+    with masks, pad them [N, M, H/4, W/4] and their centres [N, M, 2] with zeros."""
     n = len(samples)
     m = max([1] + [len(s["labels"]) for s in samples])
     boxes = torch.full((n, m, 4), -1.0, dtype=torch.float32)
@@ -288,6 +293,14 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "labels": labels,
         "image_ids": [s["image_id"] for s in samples],
     }
+    if all("masks" in s for s in samples):
+        h, w = samples[0]["masks"].shape[-2:]
+        masks = torch.zeros((n, m, h, w), dtype=torch.uint8)
+        centers = torch.zeros((n, m, 2), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            k = len(s["labels"])
+            masks[i, :k], centers[i, :k] = s["masks"], s["mask_centers"]
+        batch["masks"], batch["mask_centers"] = masks, centers
     if all("scale_wh" in s for s in samples):
         batch["scale_wh"] = torch.tensor([s["scale_wh"] for s in samples], dtype=torch.float32)
         batch["ori_hw"] = torch.tensor([s["ori_hw"] for s in samples], dtype=torch.int64)

@@ -66,3 +66,22 @@ def segmentation_to_mask(segm: Any, height: int, width: int) -> np.ndarray:
 def _area(xy: np.ndarray) -> float:
     x, y = xy[:, 0], xy[:, 1]
     return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)))
+
+
+MASK_LOSS_STRIDE = 4  # RTMDet-Ins compares masks at 1/4 of the input (mmdetection's mask_loss_stride)
+
+
+def mask_loss_targets(masks: np.ndarray, stride: int = MASK_LOSS_STRIDE) -> tuple[np.ndarray, np.ndarray]:
+    """What the segment task's loss needs of an image's [K, H, W] bool masks: the masks sampled at
+    every `stride`-th pixel from stride // 2 ([K, H/stride, W/stride] uint8, mmdetection's
+    `gt_masks[:, s//2::s, s//2::s]`) and each mask's centre of mass (x, y) in pixels of the full
+    mask ([K, 2] float32, mmdetection's `center_of_mass`: pixel indices, an empty mask gives 0, 0),
+    which the assigner's centre prior uses instead of the box centre."""
+    k, h, w = masks.shape
+    sampled = np.ascontiguousarray(masks[:, stride // 2::stride, stride // 2::stride], dtype=np.uint8)
+    area = masks.sum(axis=(1, 2), dtype=np.float64)
+    cy = masks.sum(axis=2, dtype=np.float64) @ np.arange(h, dtype=np.float64)
+    cx = masks.sum(axis=1, dtype=np.float64) @ np.arange(w, dtype=np.float64)
+    norm = np.maximum(area, 1e-7)
+    centers = np.stack([cx / norm, cy / norm], axis=1).astype(np.float32) if k else np.zeros((0, 2), np.float32)
+    return sampled, centers

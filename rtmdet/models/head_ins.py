@@ -80,7 +80,8 @@ class RTMDetInsSepBNHead(RTMDetSepBNHead):
 
 def dynamic_mask_logits(mask_feat: torch.Tensor, kernels: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
     """Instance mask logits [K, H, W] at the mask features' stride, from one image's mask features
-    [8, H, W], K kernels [K, 169] and their priors [K, 4] = (x, y, stride, stride).
+    [8, H, W] (or each instance's own [K, 8, H, W]: a batch's instances in one call), K kernels
+    [K, 169] and their priors [K, 4] = (x, y, stride, stride).
 
     Each instance sees its relative coordinates ((prior - pixel) / (8 x its own stride), x then y)
     beside the prototypes, through three 1x1 convs (ReLU between, none after). Computed as
@@ -94,7 +95,8 @@ def dynamic_mask_logits(mask_feat: torch.Tensor, kernels: torch.Tensor, priors: 
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     scale = (priors[:, 2] * MASK_STRIDE)[:, None, None]
     rel = torch.stack([(priors[:, 0, None, None] - gx) / scale, (priors[:, 1, None, None] - gy) / scale], 1)
-    x = torch.cat([rel, mask_feat[None].expand(k, -1, -1, -1)], 1).reshape(1, -1, h, w)  # [1, K*10, H, W]
+    feats = mask_feat if mask_feat.dim() == 4 else mask_feat[None].expand(k, -1, -1, -1)
+    x = torch.cat([rel, feats], 1).reshape(1, -1, h, w)  # [1, K*10, H, W]
     params = kernels.split([*WEIGHT_NUMS, *BIAS_NUMS], dim=1)
     weights, biases = params[:3], params[3:]
     for i, (weight, bias) in enumerate(zip(weights, biases)):

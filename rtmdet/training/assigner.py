@@ -63,10 +63,15 @@ def _points_inside(points: Tensor, boxes: Tensor) -> Tensor:
     return margin > 0
 
 
-def _center_prior(priors: Tensor, boxes: Tensor, radius: float) -> Tensor:
-    """Soft centre prior ``10 ** (dist / stride - radius)``: [A, 4] priors, [..., M, 4] boxes."""
-    cx = (boxes[..., 0] + boxes[..., 2]) / 2.0
-    cy = (boxes[..., 1] + boxes[..., 3]) / 2.0
+def _center_prior(priors: Tensor, boxes: Tensor, radius: float, centers: Tensor | None = None) -> Tensor:
+    """Soft centre prior ``10 ** (dist / stride - radius)``: [A, 4] priors, [..., M, 4] boxes; the
+    distance to `centers` [..., M, 2] when given (the segment task: the masks' centres of mass,
+    as mmdetection's assigner uses for gts with masks), else to the box centres."""
+    if centers is not None:
+        cx, cy = centers[..., 0], centers[..., 1]
+    else:
+        cx = (boxes[..., 0] + boxes[..., 2]) / 2.0
+        cy = (boxes[..., 1] + boxes[..., 3]) / 2.0
     dx = priors[:, 0, None] - cx[..., None, :]
     dy = priors[:, 1, None] - cy[..., None, :]
     distance = (dx.pow(2) + dy.pow(2)).sqrt() / priors[:, 2, None]
@@ -103,13 +108,14 @@ class DynamicSoftLabelAssigner:
     @torch.no_grad()
     def __call__(self, pred_logits: Tensor, pred_boxes: Tensor, priors: Tensor,
                  gt_boxes: Tensor, gt_labels: Tensor,
-                 pad_mask: Tensor | None = None) -> AssignResult:
+                 pad_mask: Tensor | None = None, gt_centers: Tensor | None = None) -> AssignResult:
         """Assign gts to priors.
 
         pred_logits [B, A, C] raw logits, pred_boxes [B, A, 4] decoded xyxy pixels,
         priors [A, 4] (x, y, stride_w, stride_h), gt_boxes [B, M, 4], gt_labels [B, M]
-        (-1 = padding), pad_mask [B, M] optional, True for real gts. Computed without
-        gradients in float32 (float64 inputs stay float64).
+        (-1 = padding), pad_mask [B, M] optional, True for real gts; gt_centers [B, M, 2]
+        optional, the centres the centre prior measures from (default: the boxes'). Computed
+        without gradients in float32 (float64 inputs stay float64).
         """
         dtype = _work_dtype(pred_logits.dtype)
         logits = pred_logits.detach().to(dtype)
@@ -132,7 +138,8 @@ class DynamicSoftLabelAssigner:
 
         cost = (self._cls_cost(logits, ious, gt_labels)
                 - torch.log(ious + EPS) * self.iou_weight
-                + _center_prior(priors, gts, self.soft_center_radius))
+                + _center_prior(priors, gts, self.soft_center_radius,
+                                None if gt_centers is None else gt_centers.detach().to(dtype)))
         # Overflowing centre priors stay finite so a real candidate always sorts before
         # a non-candidate (inf); among themselves they are ties, as in mmdet.
         cost = cost.clamp(max=torch.finfo(dtype).max).masked_fill(~pair_ok, float("inf"))

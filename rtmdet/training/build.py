@@ -17,11 +17,12 @@ from rtmdet.models import RTMDet, build_model
 log = logging.getLogger(__name__)
 
 
-def dataset_from_params(data: DataParams) -> DetectionDataset:
-    """Read the dataset `data` points at: Roboflow/COCO layout under root, or explicit ann files."""
+def dataset_from_params(data: DataParams, masks: bool = False) -> DetectionDataset:
+    """Read the dataset `data` points at: Roboflow/COCO layout under root, or explicit ann files;
+    with each box's instance mask when `masks` (the segment task)."""
     from rtmdet.data.coco import load_dataset
 
-    dataset = load_dataset(data.root, splits=data.split_files())
+    dataset = load_dataset(data.root, splits=data.split_files(), masks=masks)
     if data.num_classes is not None and data.num_classes != len(dataset.classes):
         raise ConfigError(f"data.num_classes is {data.num_classes} but {data.root} has {len(dataset.classes)} "
                           f"classes ({', '.join(dataset.classes)})")
@@ -41,7 +42,7 @@ def build_train_model(params: ModelParams, num_classes: int, seed: int) -> RTMDe
     """The model of `params` initialized from scratch (seeded) or from params.init."""
     torch.manual_seed(seed)  # the same initial weights on every rank and on every resume
     model = build_model(params.size, num_classes, params.act, channel_attention=params.channel_attention,
-                        normalization=params.normalization, image_size=params.imgsz)
+                        normalization=params.normalization, image_size=params.imgsz, task=params.task)
     if params.init:
         from rtmdet.models.checkpoint import load_checkpoint
 

@@ -1,7 +1,7 @@
 """What happens between epochs: validation scored in the background, the epoch's report, checkpoints.
 
 `EpochEndMixin` is the epoch-end half of the trainer's `_Run` (rtmdet.training.trainer), split out
-to keep each module small. It uses the run's objects: p (TrainParams), info, device, net, ema,
+to keep each module small. It uses the run's objects: p (TrainParams), task, info, device, net, ema,
 optimizer, scaler, distiller, meter, validator, live, dataset, params, paths and counters.
 
 Validation in two parts: the GPU part (the model and the post-process over the valid split) runs
@@ -77,8 +77,8 @@ class EpochEndMixin:
                                    f"not hold); train.compile: false trains with DDP instead")
         self.clock["ranks"] += time.perf_counter() - start
         means = self.meter.means()
-        metrics: dict[str, float | None] = {f"train/{k}": v for k, v in means.items()
-                                            if k != "loss_distill" or self.distiller is not None}
+        absent = {"loss_distill": self.distiller is None, "loss_mask": not self.task.masks}
+        metrics: dict[str, float | None] = {f"train/{k}": v for k, v in means.items() if not absent.get(k)}
         metrics["train/lr"] = self.lr_now
         report = EpochReport(epoch, metrics, means, self.epoch_seconds, self.epoch_images, self.lr_now)
         if self.info.is_main:
@@ -141,8 +141,9 @@ class EpochEndMixin:
             score = (f"  mAP {val['mAP'] or 0:.4f} mAP50 {val['mAP50'] or 0:.4f} "
                      f"(best {self.best_map:.4f} @ {self.best_epoch}; validation {self.val_last})")
         means = report.means
-        log.info("epoch %d/%d  loss %.4f (cls %.4f, bbox %.4f)  lr %.3g  %.1f img/s  %.1fs %s%s  ETA %s",
-                 done, self.p.epochs, means["loss"], means["loss_cls"], means["loss_bbox"],
+        mask = f", mask {means['loss_mask']:.4f}" if self.task.masks else ""
+        log.info("epoch %d/%d  loss %.4f (cls %.4f, bbox %.4f%s)  lr %.3g  %.1f img/s  %.1fs %s%s  ETA %s",
+                 done, self.p.epochs, means["loss"], means["loss_cls"], means["loss_bbox"], mask,
                  report.lr, rate, report.seconds, self._mem(), score, time.strftime("%H:%M:%S", time.gmtime(eta)))
 
     def _mem(self) -> str:

@@ -90,7 +90,7 @@ class LiveLogger:
 class LossMeter:
     """Running sums of the loss parts over an epoch (host floats, filled at sync points)."""
 
-    NAMES = ("loss", "loss_cls", "loss_bbox", "loss_distill")  # loss_distill: 0 without a teacher
+    NAMES = ("loss", "loss_cls", "loss_bbox", "loss_distill", "loss_mask")  # 0 without a teacher / masks
 
     def __init__(self, state: dict[str, float] | None = None):
         state = state or {}
@@ -99,7 +99,7 @@ class LossMeter:
         self.last = [math.nan] * len(self.NAMES)
 
     def add(self, rows: list[list[float]]) -> None:
-        """Add per-iteration rows of (loss, loss_cls, loss_bbox, loss_distill)."""
+        """Add per-iteration rows of the NAMES' values."""
         for row in rows:
             self.sums = [s + v for s, v in zip(self.sums, row)]
         self.count += len(rows)

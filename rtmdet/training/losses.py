@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rtmdet.training.assigner import DynamicSoftLabelAssigner
+from rtmdet.training.assigner import AssignResult, DynamicSoftLabelAssigner
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
@@ -109,11 +109,16 @@ def _no_phase(name: str) -> nullcontext:
 
 def average_factor(assign_metrics: Tensor) -> Tensor:
     """Sum of assign metrics, averaged over DDP ranks when initialized, clamped to >= 1."""
-    total = assign_metrics.detach().sum().float()
+    return rank_mean(assign_metrics.detach().sum().float()).clamp(min=1.0)
+
+
+def rank_mean(value: Tensor) -> Tensor:
+    """A scalar averaged over the DDP ranks (itself in a single process): mmdetection's reduce_mean."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-        total = total / dist.get_world_size()
-    return total.clamp(min=1.0)
+        value = value.clone()
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value
 
 
 class RTMDetLoss(nn.Module):
@@ -147,6 +152,18 @@ class RTMDetLoss(nn.Module):
              gt_labels: Tensor, priors: Tensor | None = None, pad_mask: Tensor | None = None) -> dict[str, Tensor]:
         """This rank's un-normalized sums: assignment and both losses, with static shapes and no
         host sync (the part `torch.compile` can take whole); `normalize` finishes the job."""
+        return self.sums_and_assignment(cls_scores, bbox_preds, gt_boxes, gt_labels, priors, pad_mask)[0]
+
+    def step_sums(self, outputs: Sequence, targets: dict[str, Tensor], priors: Tensor | None = None) -> dict[str, Tensor]:
+        """`sums` from the model's outputs and the batch's targets on the device (the trainer's
+        call, the same for every task)."""
+        return self.sums(outputs[0], outputs[1], targets["boxes"], targets["labels"], priors=priors)
+
+    def sums_and_assignment(self, cls_scores: Sequence[Tensor], bbox_preds: Sequence[Tensor], gt_boxes: Tensor,
+                            gt_labels: Tensor, priors: Tensor | None = None, pad_mask: Tensor | None = None,
+                            gt_centers: Tensor | None = None) -> tuple[dict[str, Tensor], AssignResult, Tensor]:
+        """`sums`, the assignment they came from and the priors (a task's loss builds on them);
+        gt_centers: the assigner's centre prior measures from these instead of the box centres."""
         device = cls_scores[0].device
         # Losses and assignment in float32 even inside an autocast region.
         with torch.autocast(device_type=device.type, enabled=False):
@@ -157,7 +174,7 @@ class RTMDetLoss(nn.Module):
                 priors = make_priors(sizes, self.strides, device=device)
             boxes = decode_distances(priors.float(), dists)
             with self.phase("assigner"):
-                t = self.assigner(logits, boxes, priors, gt_boxes, gt_labels, pad_mask)
+                t = self.assigner(logits, boxes, priors, gt_boxes, gt_labels, pad_mask, gt_centers)
         with self.phase("losses"), torch.autocast(device_type=device.type, enabled=False):
             metrics = t.assign_metrics.float()
             loss_cls = quality_focal_loss(logits, metrics, t.labels, self.qfl_beta, "sum")
@@ -168,8 +185,9 @@ class RTMDetLoss(nn.Module):
             pred = torch.where(fg, boxes, unit).reshape(-1, 4)
             target = torch.where(fg, t.bbox_targets.float(), unit).reshape(-1, 4)
             loss_bbox = giou_loss(pred, target, weight=metrics.reshape(-1), reduction="sum")
-            return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "metric_sum": metrics.sum(),
+            sums = {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "metric_sum": metrics.sum(),
                     "num_pos": t.fg_mask.sum()}
+            return sums, t, priors
 
     def normalize(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
         """Divide both sums by mmdetection's average factor (the assign metrics' sum, averaged

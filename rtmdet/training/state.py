@@ -70,6 +70,8 @@ def dataset_digest(dataset: DetectionDataset) -> str:
         h.update(rec.file.name.encode())
         h.update(np.ascontiguousarray(rec.boxes, np.float32).tobytes())
         h.update(np.ascontiguousarray(rec.labels, np.int64).tobytes())
+        if rec.segmentations is not None:  # the segment task trains on the masks too
+            h.update(json.dumps(rec.segmentations, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
 
 
@@ -78,6 +80,8 @@ def fingerprint_payload(data: DataParams, model: ModelParams, train: TrainParams
     """What defines a run: params (minus NOT_IN_FINGERPRINT), the number of ranks, the data."""
     params = params_dict(data, model, train)
     params["train"] = {k: v for k, v in params["train"].items() if k not in NOT_IN_FINGERPRINT}
+    if params["model"].get("task") == "detect":  # the task before there was a choice: runs from then resume
+        params["model"] = {k: v for k, v in params["model"].items() if k != "task"}
     return {**params, "world_size": world_size, "dataset": dataset_digest(dataset)}
 
 

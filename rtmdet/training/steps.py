@@ -2,7 +2,7 @@
 
 `StepMixin` is the step half of the trainer's `_Run` (rtmdet.training.trainer), split out to keep
 each module small. It uses the run's objects that `_Run._build_model` and `_build_data` make:
-net, eager (the DDP wrapper or net), trained, optimizer, scaler, ema, criterion, priors,
+task, net, eager (the DDP wrapper or net), trained, optimizer, scaler, ema, criterion, priors,
 distiller, amp, compiled, graphed, graph_blocker, phase, p (TrainParams), info and device.
 `_build_step` picks the kind of step; `_step` runs one on a batch.
 """
@@ -35,7 +35,7 @@ class StepMixin:
             return "fp16 needs a gradient scaler, which syncs with the host"
         if sync_bn:
             return "SyncBatchNorm (train.sync_bn) is not captured"
-        return None
+        return self.task.graph_blocker
 
     def _build_step(self) -> None:
         """How a step runs, by train.compile and train.compile_mode: the whole step as CUDA graphs
@@ -61,7 +61,8 @@ class StepMixin:
             mode = "default"
         self.model_fn = compile_model(self.eager, mode)
 
-    def _loss_sums(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _loss_sums(self, images: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The task loss's un-normalized sums for a batch (targets: the task's entries, on the device)."""
         x = self.net.normalize(images)
         if self.p.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -70,16 +71,18 @@ class StepMixin:
         with (self.phase.off if graphed else self.phase)("forward"), torch.autocast(
                 self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None,
                 cache_enabled=not graphed):
-            cls_scores, bbox_preds = self.model_fn(x)
+            outputs = self.model_fn(x)
             distill = self.distiller.loss(x) if self.distilling else None
-        sums = self.criterion.sums(cls_scores, bbox_preds, boxes, labels, priors=self.priors)
+        sums = self.criterion.step_sums(outputs, targets, priors=self.priors)
         if distill is not None:
             sums["loss_distill"] = distill
         return sums
 
     def _losses(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The normalized detection losses plus the distillation loss (already weighted)."""
+        """The task's normalized losses plus the distillation loss (already weighted); every name
+        of LossMeter.NAMES is there (0 where a run has no such part)."""
         losses = self.criterion.normalize(sums)  # DDP: all-reduces the average factor
+        losses.setdefault("loss_mask", torch.zeros_like(losses["loss"]))
         distill = sums.get("loss_distill")
         losses["loss_distill"] = distill if distill is not None else torch.zeros_like(losses["loss"])
         losses["loss"] = losses["loss"] + losses["loss_distill"]
@@ -99,12 +102,11 @@ class StepMixin:
         dev = self.device
         with self.phase("h2d"):
             images = batch["images"].to(dev, non_blocking=True)
-            boxes = batch["boxes"].to(dev, non_blocking=True)
-            labels = batch["labels"].to(dev, non_blocking=True)
+            targets = {k: batch[k].to(dev, non_blocking=True) for k in self.task.targets}
         if self.first_step and self.compiled:
-            losses = self._first_compiled_step(images, boxes, labels)
+            losses = self._first_compiled_step(images, targets)
         else:
-            losses = self._forward_backward(images, boxes, labels)
+            losses = self._forward_backward(images, targets)
         with self.phase("optimizer"):
             if self.p.grad_clip:
                 if self.scaler:
@@ -147,7 +149,7 @@ class StepMixin:
                     ema_weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """One whole step on device tensors with no host sync: what StepGraphs captures."""
         self.optimizer.zero_grad(set_to_none=False)  # the graphs accumulate into persistent grads
-        losses = self._losses(self._loss_sums(images, boxes, labels))
+        losses = self._losses(self._loss_sums(images, {"boxes": boxes, "labels": labels}))
         losses["loss"].backward()
         if self.info.distributed:
             dist_utils.average_gradients(self.trained, self.info)  # NCCL, captured with the rest
@@ -158,8 +160,8 @@ class StepMixin:
             self.ema.apply(self.net, ema_weight)
         return {k: losses[k].detach() for k in LossMeter.NAMES}
 
-    def _forward_backward(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict:
-        losses = self._losses(self._loss_sums(images, boxes, labels))
+    def _forward_backward(self, images: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict:
+        losses = self._losses(self._loss_sums(images, targets))
         with self.phase("backward"):
             (self.scaler.scale(losses["loss"]) if self.scaler else losses["loss"]).backward()
         if self.info.distributed and self.ddp is None:  # a graphed run's eager steps
@@ -168,14 +170,14 @@ class StepMixin:
             dist_utils.average_gradients(self.distiller.adapters, self.info)  # not inside DDP
         return losses
 
-    def _first_compiled_step(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> dict:
+    def _first_compiled_step(self, images: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict:
         """torch.compile fails, if it does, at the first forward or backward: then train eagerly."""
         self.first_step = False
         try:
-            return self._forward_backward(images, boxes, labels)
+            return self._forward_backward(images, targets)
         except Exception as exc:  # noqa: BLE001 - any compiler or backend failure means: train eagerly
             log.warning("torch.compile failed (%s); training without it (train.compile: false skips it)",
                         first_line(exc, 200))
             self.compiled, self.model_fn = False, self.eager
             self.optimizer.zero_grad(set_to_none=True)
-            return self._forward_backward(images, boxes, labels)
+            return self._forward_backward(images, targets)

@@ -24,6 +24,7 @@ from rtmdet.config import DataParams, ModelParams, TrainParams
 from rtmdet.data.loader import TrainBatchSampler, TrainDataset, build_dataloader, set_epochs
 from rtmdet.data.pipeline import PipelineConfig
 from rtmdet.data.records import DetectionDataset
+from rtmdet.errors import ConfigError
 from rtmdet.failpoints import kill_point
 from rtmdet.fileio import remove_stale_temporaries
 from rtmdet.training import distributed as dist_utils
@@ -41,10 +42,11 @@ from rtmdet.training.build import (
 from rtmdet.training.distill import Distiller, load_teacher
 from rtmdet.training.ema import ExpMomentumEMA
 from rtmdet.training.logs import LiveLogger, LossMeter
-from rtmdet.training.losses import RTMDetLoss, make_priors
+from rtmdet.training.losses import make_priors
 from rtmdet.training.optim import LrSchedule, build_optimizer, scaled_lr
 from rtmdet.training.phases import Phases
 from rtmdet.training.state import TrainingError, TrainResult
+from rtmdet.training.tasks import train_task
 from rtmdet.training.epoch_end import EpochEndMixin
 from rtmdet.training.steps import StepMixin
 from rtmdet.training.validate import Validator
@@ -79,7 +81,11 @@ class _Run(StepMixin, EpochEndMixin):
         self.data_p, self.model_p, self.p = data, model, train
         self.out_dir, self.live_dir, self.info, self.progress = out_dir, live_dir, info, progress
         self.device = info.device
-        self.dataset = dataset if dataset is not None else dataset_from_params(data)
+        self.task = train_task(model.task)
+        self.dataset = dataset if dataset is not None else dataset_from_params(data, masks=self.task.masks)
+        if self.task.masks and self.dataset.splits["train"].records[0].segmentations is None:
+            raise ConfigError(f"model.task {model.task}: the dataset of {data.root} was read without its instance "
+                              "masks (load_dataset(..., masks=True))")
         self.params = st.params_dict(data, model, train)
         self.payload = st.fingerprint_payload(data, model, train, info.world_size, self.dataset)
         self.fp = st.fingerprint(self.payload)
@@ -168,7 +174,7 @@ class _Run(StepMixin, EpochEndMixin):
 
     def _build_data(self) -> None:
         p, s = self.p, self.model_p.imgsz
-        self.criterion = RTMDetLoss(self.net.strides)
+        self.criterion = self.task.loss(self.net.strides)  # model.task's loss (rtmdet.training.tasks)
         self.priors = make_priors([(s // k, s // k) for k in self.net.strides], self.net.strides, device=self.device)
         records = self.dataset.splits["train"].records
         train_ds = TrainDataset(records, PipelineConfig.for_size(self.model_p.size, s))
@@ -295,7 +301,7 @@ class _Run(StepMixin, EpochEndMixin):
             self._nonfinite(epoch, k, rows, first_bad)
         self.meter.add(rows)
         if not self.bar.disable:
-            loss, cls, box, _ = self.meter.last
+            loss, cls, box = self.meter.last[:3]
             self.bar.set_postfix_str(f"loss {loss:.4f} cls {cls:.4f} bbox {box:.4f} "
                                      f"lr {self.lr_now:.3g}{self._mem()}", refresh=False)
         self.bar.update(self.pending)
@@ -309,7 +315,7 @@ class _Run(StepMixin, EpochEndMixin):
             raise TrainingError(f"epoch {epoch + 1}: the loss became NaN/inf on another rank before iteration "
                                 f"{self.global_iter}; kept {self.last_path} and {self.best_path} from before")
         batch = k - len(rows) + 1 + first_bad
-        loss, cls, box, _ = rows[first_bad]
+        loss, cls, box = rows[first_bad][:3]
         raise TrainingError(
             f"epoch {epoch + 1}, iteration {batch + 1}/{self.iters_per_epoch} "
             f"(global {self.global_iter - len(rows) + first_bad}): "

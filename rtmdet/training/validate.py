@@ -110,7 +110,8 @@ class Validator:
         for batch in self._batches():
             t0 = time.perf_counter()
             images = batch["images"].to(self.device, non_blocking=True)
-            cls_scores, bbox_preds = model(model.normalize(images))
+            outputs = model(model.normalize(images))  # the segment task's model also gives kernels, mask features
+            cls_scores, bbox_preds = outputs[0], outputs[1]
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # one per batch: splits model from post-process time
             t1 = time.perf_counter()

@@ -1,0 +1,142 @@
+"""The segment task on the shared trainer: mask targets, the Dice loss, mask-centred assignment,
+and a whole (tiny) RTMDet-Ins training run on the synthetic shapes with their polygons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rtmdet.config import DataParams, ModelParams, TrainParams
+from rtmdet.data.loader import collate
+from rtmdet.data.masks import mask_loss_targets
+from rtmdet.data.synthetic import make_synthetic_dataset
+from rtmdet.errors import ConfigError
+from rtmdet.models import build_model
+from rtmdet.models.checkpoint import config_from_checkpoint, read_checkpoint
+from rtmdet.training import train
+from rtmdet.training.assigner import DynamicSoftLabelAssigner
+from rtmdet.training.losses import make_priors
+from rtmdet.training.losses_ins import dice_loss
+
+
+def test_dice_loss_against_hand_computed_values():
+    # Instance 1: p = 0.5 everywhere on a 2x2 mask with one pixel set:
+    #   sum(p t) = 0.5, sum(p^2) = 1, sum(t^2) = 1 -> 1 - 2 * 0.5 / 2 = 0.5.
+    # Instance 2: p = sigmoid(+-3) on a 1x4 mask [1, 1, 0, 0]:
+    #   s = sigmoid(3), q = sigmoid(-3) = 1 - s; sum(p t) = 2s, sum(p^2) = 2s^2 + 2q^2, sum(t^2) = 2.
+    logits = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]])
+    targets = torch.tensor([[[1, 0], [0, 0]]], dtype=torch.uint8)
+    assert dice_loss(logits, targets, eps=0.0).item() == pytest.approx(0.5, abs=1e-7)
+    assert dice_loss(logits, targets).item() == pytest.approx(1 - 1.0 / (2 + 2 * 5e-6), abs=1e-7)
+    s = 1 / (1 + np.exp(-3.0))
+    q = 1 - s
+    want = 1 - 2 * (2 * s) / ((2 * s * s + 2 * q * q) + 2)
+    got = dice_loss(torch.tensor([[[3.0, 3.0, -3.0, -3.0]]]), torch.tensor([[[1, 1, 0, 0]]]), eps=0.0)
+    assert got.item() == pytest.approx(want, abs=1e-6)
+
+
+def test_mask_loss_targets_sample_every_fourth_pixel_and_give_centres_of_mass():
+    masks = np.zeros((3, 8, 12), bool)
+    masks[0, 1:4, 2:9] = True  # a 3 x 7 block: centre of mass (5, 2) in pixel indices
+    masks[1, 6, 10] = True  # one pixel, on the sampled grid (rows 2, 6; columns 2, 6, 10)
+    sampled, centers = mask_loss_targets(masks)
+    assert sampled.shape == (3, 2, 3) and sampled.dtype == np.uint8
+    assert sampled[0].tolist() == [[1, 1, 0], [0, 0, 0]]
+    assert sampled[1].tolist() == [[0, 0, 0], [0, 0, 1]]
+    assert centers.tolist() == [[5.0, 2.0], [10.0, 6.0], [0.0, 0.0]]  # empty: (0, 0), as mmdetection
+
+
+def test_collate_pads_masks_and_centres_with_zeros():
+    def item(k: int) -> dict:
+        return {"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "boxes": torch.ones(k, 4),
+                "labels": torch.zeros(k, dtype=torch.long), "image_id": k,
+                "masks": torch.ones(k, 2, 2, dtype=torch.uint8), "mask_centers": torch.full((k, 2), 3.0)}
+
+    batch = collate([item(1), item(3)])
+    assert batch["masks"].shape == (2, 3, 2, 2) and batch["mask_centers"].shape == (2, 3, 2)
+    assert batch["masks"][0, 1:].sum() == 0 and batch["masks"][1].sum() == 12
+    assert batch["mask_centers"][0, 1:].abs().sum() == 0 and batch["mask_centers"][1, 2].tolist() == [3.0, 3.0]
+
+
+def test_assigner_centre_prior_measures_from_the_mask_centres():
+    # One long box whose object (its mask) sits at its left end: measured from the mask's centre,
+    # the positives move to the left.
+    priors = make_priors([(16, 16)], (8,))
+    gt = torch.tensor([[[8.0, 40.0, 120.0, 72.0]]])
+    labels = torch.zeros(1, 1, dtype=torch.long)
+    logits = torch.zeros(1, priors.shape[0], 1)
+    pred = torch.cat([priors[:, :2] - 12, priors[:, :2] + 12], 1)[None]  # 24 px boxes around each point
+    assigner = DynamicSoftLabelAssigner()
+    by_box = assigner(logits, pred, priors, gt, labels)
+    same = assigner(logits, pred, priors, gt, labels, gt_centers=torch.tensor([[[64.0, 56.0]]]))
+    left = assigner(logits, pred, priors, gt, labels, gt_centers=torch.tensor([[[24.0, 56.0]]]))
+    assert torch.equal(by_box.fg_mask, same.fg_mask)  # the box centre given as the centre: the same
+    x_box = priors[by_box.fg_mask[0], 0].mean()
+    x_left = priors[left.fg_mask[0], 0].mean()
+    assert left.fg_mask.any() and x_left < x_box - 16
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("shapes"), seed=3, train=12, valid=4)
+
+
+def _params(root: Path, task: str = "segment") -> tuple[DataParams, ModelParams, TrainParams]:
+    return (DataParams(root=str(root)), ModelParams(size="nano", imgsz=64, task=task),
+            TrainParams(epochs=2, batch_size=4, base_batch_size=4, warmup_iters=2, stage2_epochs=1, workers=0,
+                        val_interval=1, seed=0, device="cpu"))
+
+
+def test_segment_task_trains_rtmdet_ins_on_the_shared_trainer(shapes: Path, tmp_path: Path):
+    torch.set_num_threads(1)
+    result = train(*_params(shapes), tmp_path / "run", live_dir=tmp_path / "live", progress=False)
+    ckpt = read_checkpoint(result.last)
+    cfg = config_from_checkpoint(ckpt, result.last)
+    assert cfg.task == "segment"
+    model = build_model("nano", cfg.num_classes, task="segment")
+    model.load_state_dict(ckpt["state_dict"], strict=True)  # an RTMDet-Ins state dict, mask head included
+    rows = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss_mask.tsv").read_text().splitlines()
+    values = [float(r.split("\t")[-1]) for r in rows[1:]]
+    assert len(values) == 2 and all(0 < v < 2.0 for v in values)  # Dice in (0, 1], weighted 2
+    summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
+    assert "mAP" in summary["val"]  # the box metrics of the Ins model, validated during training
+
+
+def test_detect_runs_log_no_mask_loss_and_unknown_tasks_are_one_line(shapes: Path, tmp_path: Path):
+    with pytest.raises(ConfigError, match="model.task 'rotate': training knows detect, segment"):
+        train(*_params(shapes, task="rotate"), tmp_path / "rot", progress=False)
+    from rtmdet.data.coco import load_dataset
+
+    boxes_only = load_dataset(shapes)
+    with pytest.raises(ConfigError, match="read without its instance masks"):
+        train(*_params(shapes), tmp_path / "seg", dataset=boxes_only, progress=False)
+
+
+def test_the_mask_loss_reaches_the_kernels_and_mask_features_of_a_real_batch(shapes: Path):
+    from rtmdet.data.coco import load_dataset
+    from rtmdet.data.loader import TrainDataset, build_dataloader, set_epochs
+    from rtmdet.data.pipeline import PipelineConfig
+    from rtmdet.training.losses_ins import RTMDetInsLoss
+
+    dataset = load_dataset(shapes, masks=True)
+    loader = build_dataloader(TrainDataset(dataset.splits["train"].records, PipelineConfig.for_size("nano", 64)),
+                              4, num_workers=0)
+    set_epochs(loader, 0, 1, stage2_from=1)
+    batch = next(iter(loader))
+    assert batch["masks"].shape[:2] == batch["labels"].shape and batch["masks"].shape[2:] == (16, 16)
+    assert batch["masks"].sum() > 0  # the pipeline carried the polygons through mosaic and the rest
+    torch.manual_seed(0)
+    model = build_model("nano", len(dataset.classes), task="segment")
+    loss = RTMDetInsLoss(model.strides)
+    targets = {k: batch[k] for k in ("boxes", "labels", "masks", "mask_centers")}
+    out = loss.normalize(loss.step_sums(model(model.normalize(batch["images"])), targets))
+    assert out["loss_mask"] > 0
+    out["loss_mask"].backward()
+    head = model.bbox_head
+    assert head.mask_head.projection.weight.grad.abs().sum() > 0
+    assert sum(c.weight.grad.abs().sum() for c in head.rtm_kernel) > 0
+    assert head.rtm_cls[0].weight.grad is None or head.rtm_cls[0].weight.grad.abs().sum() == 0  # masks only
