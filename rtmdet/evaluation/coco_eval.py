@@ -1,4 +1,4 @@
-"""COCO bbox evaluation (pycocotools' COCOeval, run by faster-coco-eval): the 12 stats, per-class AP, PR data.
+"""COCO bbox and segm evaluation (pycocotools' COCOeval, run by faster-coco-eval): the 12 stats, per-class AP, PR data.
 
 Ground truth is built from the validated records (not the raw user file, which may hold boxes
 the reader rejected); results carry the dataset's original category ids, so a results file
@@ -98,11 +98,12 @@ class EvalResult:
         return metrics
 
 
-def coco_gt_from_split(split: DetectionSplit, dataset: DetectionDataset) -> dict[str, Any]:
-    """A COCO ground-truth dict (original image and category ids) from a validated split.
+def coco_gt_from_split(split: DetectionSplit, dataset: DetectionDataset, masks: bool = False) -> dict[str, Any]:
+    """A COCO ground-truth dict (original image and category ids) from a validated split; with
+    `masks`, each annotation's segmentation too (segm evaluation; the split must be read with them).
 
     Crowd boxes go in with iscrowd=1 and their own class, so COCOeval ignores detections of that
-    class matched to them.
+    class matched to them (for segm, the crowd region is its box).
     """
     images, annotations = [], []
     cat_of = [int(c) for c in dataset.category_ids]
@@ -113,11 +114,18 @@ def coco_gt_from_split(split: DetectionSplit, dataset: DetectionDataset) -> dict
             file_name = rec.file.name
         images.append({"id": int(rec.image_id), "file_name": file_name,
                        "width": int(rec.width), "height": int(rec.height)})  # fmt: skip
-        for box, label, area in zip(rec.boxes, rec.labels, rec.areas, strict=True):
+        if masks and rec.segmentations is None and len(rec.boxes):
+            raise DataError(f"{split.ann_file}: image id {rec.image_id} was read without its instance masks")
+        for k, (box, label, area) in enumerate(zip(rec.boxes, rec.labels, rec.areas, strict=True)):
             annotations.append(_gt_ann(rec.image_id, cat_of[int(label)], box, area, 0))
+            if masks:
+                annotations[-1]["segmentation"] = rec.segmentations[k]
         for box, label in zip(rec.crowd_boxes, rec.crowd_labels, strict=True):
             area = (box[2] - box[0]) * (box[3] - box[1])
             annotations.append(_gt_ann(rec.image_id, cat_of[int(label)], box, area, 1))
+            if masks:
+                x1, y1, x2, y2 = (float(v) for v in box)
+                annotations[-1]["segmentation"] = [[x1, y1, x2, y1, x2, y2, x1, y2]]
     for i, ann in enumerate(annotations):
         ann["id"] = i + 1
     categories = [{"id": int(c), "name": n, "supercategory": "none"}
@@ -188,9 +196,14 @@ class CocoScorer:
     detection index, without the results list and loadRes round trip. Same numbers as
     `evaluate_results` (tests/test_coco_eval.py compares every stat and the precision arrays)."""
 
-    def __init__(self, gt: dict[str, Any], classes: Sequence[str], category_ids: Sequence[int]):
+    def __init__(self, gt: dict[str, Any], classes: Sequence[str], category_ids: Sequence[int],
+                 iou_type: str = "bbox"):
+        """iou_type: bbox, or segm (the ground truth carries segmentations; results carry RLEs)."""
         from faster_coco_eval import COCO
 
+        if iou_type not in ("bbox", "segm"):
+            raise ValueError(f"iou_type {iou_type!r}: use bbox or segm")
+        self.iou_type = iou_type
         self.classes, self.category_ids = list(classes), [int(c) for c in category_ids]
         # COCOeval writes an 'ignore' key into gt annotations (the same value every time): it
         # gets its own copies, so the caller's dicts stay as they were.
@@ -209,12 +222,22 @@ class CocoScorer:
         return self._evaluate(coco_dt, results)
 
     def score_arrays(self, image_ids: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
-                     labels: np.ndarray) -> EvalResult:
+                     labels: np.ndarray, rles: Sequence[dict[str, Any]] | None = None) -> EvalResult:
         """Flat arrays over all images (as `coco_results_from_arrays` takes them) -> EvalResult.
-        The detections get what loadRes would give them (area, id, iscrowd), rounded as results are."""
+        The detections get what loadRes would give them (area, id, iscrowd), rounded as results
+        are; for segm, `rles` holds each detection's mask (masks_to_rles) and the area is its area."""
         results = coco_results_from_arrays(image_ids, boxes, scores, labels, self.category_ids)
-        anns = [{**r, "area": r["bbox"][2] * r["bbox"][3], "id": k, "iscrowd": 0}
-                for k, r in enumerate(results, start=1)]
+        if self.iou_type == "segm":
+            from pycocotools import mask as mask_utils
+
+            if rles is None or len(rles) != len(results):
+                raise ValueError("segm scoring needs one RLE per detection")
+            for r, rle in zip(results, rles):
+                r["segmentation"] = rle
+            areas = [float(mask_utils.area(_rle_bytes(rle))) for rle in rles]
+        else:
+            areas = [r["bbox"][2] * r["bbox"][3] for r in results]
+        anns = [{**r, "area": a, "id": k, "iscrowd": 0} for k, (r, a) in enumerate(zip(results, areas), start=1)]
         return self._evaluate(self._index(anns), results)
 
     def _index(self, anns: list[dict[str, Any]]) -> Any:
@@ -229,7 +252,7 @@ class CocoScorer:
     def _evaluate(self, coco_dt: Any, results: list[dict[str, Any]]) -> EvalResult:
         from faster_coco_eval import COCOeval_faster
 
-        ev = COCOeval_faster(self.coco_gt, coco_dt, iouType="bbox", print_function=lambda *args: None)
+        ev = COCOeval_faster(self.coco_gt, coco_dt, iouType=self.iou_type, print_function=lambda *args: None)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -251,6 +274,22 @@ class CocoScorer:
             category_ids=list(self.category_ids),
             num_images=len(self.gt["images"]),
         )
+
+
+def masks_to_rles(masks: np.ndarray) -> list[dict[str, Any]]:
+    """[K, H, W] bool masks -> COCO compressed RLEs ({"size": [H, W], "counts": str}: JSON-safe,
+    what a COCO results file holds)."""
+    from pycocotools import mask as mask_utils
+
+    if len(masks) == 0:
+        return []
+    encoded = mask_utils.encode(np.asfortranarray(np.asarray(masks, np.uint8).transpose(1, 2, 0)))
+    return [{"size": [int(v) for v in e["size"]], "counts": e["counts"].decode("ascii")} for e in encoded]
+
+
+def _rle_bytes(rle: dict[str, Any]) -> dict[str, Any]:
+    counts = rle["counts"]
+    return {"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
 def pycocotools_summary(values: Sequence[float]) -> str:
