@@ -103,7 +103,10 @@ def test_segment_task_trains_rtmdet_ins_on_the_shared_trainer(shapes: Path, tmp_
     values = [float(r.split("\t")[-1]) for r in rows[1:]]
     assert len(values) == 2 and all(0 < v < 2.0 for v in values)  # Dice in (0, 1], weighted 2
     summary = json.loads((tmp_path / "live" / "metrics.json").read_text())
-    assert "mAP" in summary["val"]  # the box metrics of the Ins model, validated during training
+    assert {"mAP", "mask_mAP", "mask_mAP50"} <= set(summary["val"])  # boxes and masks, validated while training
+    assert ckpt["meta"]["mAP"] == result.best_mAP == max(
+        float(r.split("\t")[-1]) for r in (tmp_path / "live" / "plots" / "metrics" / "val" / "mask_mAP.tsv")
+        .read_text().splitlines()[1:])  # best.pt follows the mask mAP
 
 
 def test_detect_runs_log_no_mask_loss_and_unknown_tasks_are_one_line(shapes: Path, tmp_path: Path):

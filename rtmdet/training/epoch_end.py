@@ -126,8 +126,11 @@ class EpochEndMixin:
                                  f"{self.validator.seconds['scoring']:.2f} beside training")
                 self.last_metrics = val
                 report.metrics["val/mAP"], report.metrics["val/mAP50"] = val["mAP"], val["mAP50"]
-                if self.best_map is None or (val["mAP"] or 0.0) > self.best_map:
-                    self.best_map, self.best_epoch = val["mAP"] or 0.0, report.epoch + 1
+                if self.task.masks:
+                    report.metrics["val/mask_mAP"], report.metrics["val/mask_mAP50"] = val["mask_mAP"], val["mask_mAP50"]
+                score = val[self.task.best_metric] or 0.0  # mAP, or the segment task's mask mAP
+                if self.best_map is None or score > self.best_map:
+                    self.best_map, self.best_epoch = score, report.epoch + 1
                     self._save_best(report.best)
             self.live.log_epoch(report.epoch, report.metrics)
             self._log_summary(report, val)
@@ -138,7 +141,8 @@ class EpochEndMixin:
         eta = (self.p.epochs - done) * report.seconds
         score = ""
         if val is not None:
-            score = (f"  mAP {val['mAP'] or 0:.4f} mAP50 {val['mAP50'] or 0:.4f} "
+            masks = f" mask mAP {val['mask_mAP'] or 0:.4f} mAP50 {val['mask_mAP50'] or 0:.4f}" if self.task.masks else ""
+            score = (f"  mAP {val['mAP'] or 0:.4f} mAP50 {val['mAP50'] or 0:.4f}{masks} "
                      f"(best {self.best_map:.4f} @ {self.best_epoch}; validation {self.val_last})")
         means = report.means
         mask = f", mask {means['loss_mask']:.4f}" if self.task.masks else ""

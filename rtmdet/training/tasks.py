@@ -22,13 +22,14 @@ class TrainTask:
     targets: tuple[str, ...]  # the batch entries its loss reads, moved to the device each step
     masks: bool  # the dataset is read with its instance masks
     graph_blocker: str | None  # why its step cannot be captured as a CUDA graph (None: it can)
+    best_metric: str = "mAP"  # the validation metric best.pt follows
 
 
 TRAIN_TASKS = {
     "detect": TrainTask(RTMDetLoss, ("boxes", "labels"), masks=False, graph_blocker=None),
     "segment": TrainTask(RTMDetInsLoss, ("boxes", "labels", "masks", "mask_centers"), masks=True,
                          graph_blocker="the segment task's mask loss runs on the positives, a number that "
-                                       "changes every step"),
+                                       "changes every step", best_metric="mask_mAP"),
 }
 
 

@@ -184,7 +184,7 @@ class _Run(StepMixin, EpochEndMixin):
         self.validator = None
         if self.info.is_main and valid is not None and valid.records:
             self.validator = Validator(valid, self.dataset, s, self.device, batch_size=min(2 * p.batch_size, 64),
-                                       workers=min(p.workers, 4), background=True)
+                                       workers=min(p.workers, 4), background=True, masks=self.task.masks)
         sampler = self.loader.batch_sampler
         assert isinstance(sampler, TrainBatchSampler)
         self.iters_per_epoch = sampler.batches_per_epoch()

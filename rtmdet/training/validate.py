@@ -24,9 +24,10 @@ from torch import nn
 
 from rtmdet.data.loader import ValDataset, build_dataloader
 from rtmdet.data.records import DetectionDataset, DetectionSplit
-from rtmdet.evaluation.coco_eval import CocoScorer, coco_gt_from_split
-from rtmdet.evaluation.score_process import ScoreProcess, score_table
+from rtmdet.evaluation.coco_eval import coco_gt_from_split, masks_to_rles
+from rtmdet.evaluation.score_process import ScoreProcess, make_scorers, score_table
 from rtmdet.inference.postprocess import PostprocessConfig, postprocess_batch
+from rtmdet.inference.postprocess_ins import InsPostprocessConfig, postprocess_ins_single
 
 CACHE_BYTES = 2 << 30  # 2 GiB of uint8 canvases: COCO's 5,000 val images at 416 px, facemask's at 2,000+
 
@@ -36,13 +37,15 @@ class Validator:
 
     def __init__(self, split: DetectionSplit, dataset: DetectionDataset, imgsz: int, device: torch.device,
                  batch_size: int = 32, workers: int = 2, cache_bytes: int = CACHE_BYTES,
-                 postprocess: PostprocessConfig = PostprocessConfig(), background: bool = False):
+                 postprocess: PostprocessConfig | None = None, background: bool = False, masks: bool = False):
         """background: start the scoring process now, for `submit` (training); else scoring runs
-        in this process."""
+        in this process. masks: the segment task (an RTMDet-Ins model; the split read with its
+        masks): its masks are scored too (segm), with RTMDet-Ins's post-process."""
         self.split, self.dataset, self.imgsz, self.device = split, dataset, imgsz, device
-        self.postprocess = postprocess
-        self.gt = coco_gt_from_split(split, dataset)
-        self.scorer = CocoScorer(self.gt, dataset.classes, dataset.category_ids)
+        self.masks = masks
+        self.postprocess = postprocess or (InsPostprocessConfig() if masks else PostprocessConfig())
+        self.gt = coco_gt_from_split(split, dataset, masks=masks)
+        self.scorer, self.mask_scorer = make_scorers(self.gt, dataset.classes, dataset.category_ids, masks)
         self.ids = [int(r.image_id) for r in split.records]
         fits = len(split.records) * 3 * imgsz * imgsz <= cache_bytes
         self.loader = build_dataloader(ValDataset(split.records, imgsz), batch_size, num_workers=workers,
@@ -50,7 +53,8 @@ class Validator:
         self.cache: list[dict[str, Any]] | None = [] if fits else None
         self.cached = False  # the cache holds the whole split (a validation cut short leaves it partial)
         self.seconds: dict[str, float] = {}  # where the last validation spent its time
-        self.scoring = ScoreProcess(self.gt, dataset.classes, dataset.category_ids, self.ids) if background else None
+        self.scoring = (ScoreProcess(self.gt, dataset.classes, dataset.category_ids, self.ids, masks)
+                        if background else None)
         # Start the loader's workers now, before torch.compile's machinery (threads, compile
         # workers) is loaded: forking a process that runs threads can deadlock the child.
         if fits:
@@ -73,8 +77,8 @@ class Validator:
 
     def __call__(self, model: nn.Module) -> dict[str, Any]:
         """COCO metrics of `model` (EvalResult.to_metrics()); the model's train/eval mode is kept."""
-        table = self.infer(model)
-        return self._finish(score_table(self.scorer, np.asarray(self.ids, np.int64), table))
+        table, rles = self.infer(model)
+        return self._finish(score_table(self.scorer, np.asarray(self.ids, np.int64), table, rles, self.mask_scorer))
 
     def submit(self, model: nn.Module) -> Future:
         """Infer now (the GPU part) and score in the scoring process (the CPU part, COCOeval):
@@ -82,7 +86,7 @@ class Validator:
         validation at a time."""
         if self.scoring is None:
             raise RuntimeError("Validator.submit needs a Validator built with background=True")
-        return self.scoring.submit(self.infer(model))
+        return self.scoring.submit(*self.infer(model))
 
     def collect(self, future: Future) -> dict[str, Any]:
         return self._finish(future.result())
@@ -101,12 +105,14 @@ class Validator:
             self.scoring = None
 
     @torch.inference_mode()
-    def infer(self, model: nn.Module) -> np.ndarray:
-        """Every image's detections as one table: [x1, y1, x2, y2, score, label, image index]."""
+    def infer(self, model: nn.Module) -> tuple[np.ndarray, list[dict] | None]:
+        """Every image's detections as one table: [x1, y1, x2, y2, score, label, image index]; and
+        with masks, each row's mask as a COCO RLE (else None)."""
         was_training = model.training
         model.eval()
         start = time.perf_counter()
         parts, seen, model_s, post_s = [], 0, 0.0, 0.0
+        rles: list[dict] | None = [] if self.masks else None
         for batch in self._batches():
             t0 = time.perf_counter()
             images = batch["images"].to(self.device, non_blocking=True)
@@ -116,8 +122,11 @@ class Validator:
                 torch.cuda.synchronize(self.device)  # one per batch: splits model from post-process time
             t1 = time.perf_counter()
             scale, ori = batch["scale_wh"].tolist(), batch["ori_hw"].tolist()
-            found = postprocess_batch(cls_scores, bbox_preds, tuple(model.strides), (self.imgsz, self.imgsz),
-                                      scale, ori, self.postprocess)
+            if self.masks:
+                found = self._with_masks(outputs, tuple(model.strides), scale, ori, rles)
+            else:
+                found = postprocess_batch(cls_scores, bbox_preds, tuple(model.strides), (self.imgsz, self.imgsz),
+                                          scale, ori, self.postprocess)
             # One device-to-host copy per batch, not three per image.
             ids = torch.cat([torch.full((len(s),), k, dtype=torch.long, device=s.device)
                              for k, (_, s, _) in enumerate(found, start=seen)])
@@ -128,4 +137,18 @@ class Validator:
             model_s, post_s = model_s + t1 - t0, post_s + time.perf_counter() - t1
         model.train(was_training)
         self.seconds = {"inference": time.perf_counter() - start, "model": model_s, "postprocess": post_s}
-        return np.concatenate(parts) if parts else np.zeros((0, 7), np.float32)
+        return (np.concatenate(parts) if parts else np.zeros((0, 7), np.float32)), rles
+
+    def _with_masks(self, outputs: tuple, strides: tuple[int, ...], scale: list, ori: list,
+                    rles: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """RTMDet-Ins's post-process image by image: (boxes, scores, labels) per image, and each
+        kept instance's mask appended to `rles` in the same order."""
+        cls_scores, bbox_preds, kernels, mask_feat = outputs
+        found = []
+        for i in range(mask_feat.shape[0]):
+            boxes, scores, labels, masks = postprocess_ins_single(
+                [c[i] for c in cls_scores], [b[i] for b in bbox_preds], [k[i] for k in kernels], mask_feat[i],
+                strides, (self.imgsz, self.imgsz), tuple(scale[i]), tuple(ori[i]), self.postprocess)
+            rles += masks_to_rles(masks.cpu().numpy())
+            found.append((boxes, scores, labels))
+        return found
