@@ -19,7 +19,7 @@ _FLAGS = {
     "data": ("data", "root"), "size": ("model", "size"), "imgsz": ("model", "imgsz"), "init": ("model", "init"),
     "epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "device": ("train", "device"),
     "workers": ("train", "workers"), "seed": ("train", "seed"), "gpus": ("train", "gpus"),
-    "teacher": ("train", "teacher"),
+    "teacher": ("train", "teacher"), "task": ("model", "task"),
 }
 
 
@@ -37,6 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--data", metavar="ROOT", help="dataset folder (Roboflow train/ valid/, or COCO annotations/)")
     p.add_argument("--size", help="model size: nano, tiny, s, m, l, x")
     p.add_argument("--imgsz", type=int, help="training and validation image size (multiple of 32)")
+    p.add_argument("--task", choices=("detect", "segment"),
+                   help="detect (boxes, the default) or segment (RTMDet-Ins: boxes and instance masks; best.pt "
+                        "follows the mask mAP)")
     p.add_argument("--init", metavar="CKPT", help="start from a CSPNeXt backbone or a full RTMDet checkpoint")
     p.add_argument("--teacher", metavar="CKPT|SIZE",
                    help="distill from this detector checkpoint, or from a teacher of this size trained first "
@@ -110,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     best = "n/a" if result.best_mAP is None else f"{result.best_mAP:.4f} (epoch {result.best_epoch})"
+    what = "mask mAP" if params["model"].task == "segment" else "mAP"
     if teacher is not None and teacher.best_mAP is not None:
         log.info("teacher: %s (best mAP %.4f)", teacher.best or teacher.last, teacher.best_mAP)
-    log.info("done: %s (best mAP %s), %s", result.best or "no best.pt", best, result.last)
+    log.info("done: %s (best %s %s), %s", result.best or "no best.pt", what, best, result.last)
     return 0
