@@ -9,6 +9,7 @@ from rtmdet.data.coco import load_dataset
 from rtmdet.data.prepare import plot_stats, prepare
 from rtmdet.data.show import draw_augmented_grid
 from rtmdet.fileio import write_json_atomic
+from rtmdet.training.tasks import train_task
 
 OUT, REPORTS = Path("data/prepared"), Path("reports/prepare")
 
@@ -17,8 +18,9 @@ def main() -> None:
     params = load_params(sections=("data", "model"))
     data, model = params["data"], params["model"]
     splits = data.split_files()
-    dataset = load_dataset(data.root if splits is None else Path(data.root), splits=splits)
-    stats = prepare(dataset, OUT, model.imgsz, data.num_classes)
+    masks = train_task(model.task).masks  # the segment task keeps each instance's mask
+    dataset = load_dataset(data.root if splits is None else Path(data.root), splits=splits, masks=masks)
+    stats = prepare(dataset, OUT, model.imgsz, data.num_classes, masks=masks)
     write_json_atomic(REPORTS / "stats.json", stats)  # images/boxes per class, sizes, skipped per reason
     plot_stats(stats, REPORTS)
     draw_augmented_grid(dataset.splits["train"].records, dataset.classes, REPORTS / "augmented.png",

@@ -16,6 +16,7 @@ from rtmdet.config import load_params
 from rtmdet.data.prepare import load_prepared
 from rtmdet.fileio import write_atomic
 from rtmdet.training.launch import train_with_teacher
+from rtmdet.training.tasks import train_task
 
 RUN_DIR, TEACHER_DIR, MODEL = Path("runs/train"), Path("runs/teacher"), Path("models/best.pt")
 TEACHER_JSON = Path("reports/train/teacher.json")
@@ -23,7 +24,7 @@ TEACHER_JSON = Path("reports/train/teacher.json")
 
 def main() -> None:
     params = load_params(sections=("data", "model", "train"))
-    dataset = load_prepared(Path("data/prepared"))
+    dataset = load_prepared(Path("data/prepared"), masks=train_task(params["model"].task).masks)
     TEACHER_DIR.mkdir(parents=True, exist_ok=True)  # a DVC output, also when there is no teacher:
     # one line in it says which, so DVC never warns of an empty output folder
     write_atomic(TEACHER_DIR / "teacher.txt", f"train.teacher: {params['train'].teacher or 'null'}\n".encode())

@@ -78,3 +78,17 @@ def test_stored_image_folder_is_relative_inside_the_project_and_absolute_outside
     assert stored_img_dir(project / "data" / "synthetic" / "train", prepared) == "../synthetic/train"
     # An experiment runs in a temporary copy of the project: a relative path out of it would break.
     assert stored_img_dir(outside, prepared) == str(outside.resolve())
+
+
+def test_prepared_masks_reload_for_the_segment_task_and_only_when_prepared(tmp_path):
+    root = make_synthetic_dataset(tmp_path / "shapes", seed=2, train=6, valid=3)
+    dataset = load_dataset(root, masks=True)
+    prepare(dataset, tmp_path / "seg", imgsz=64, masks=True)
+    again = load_prepared(tmp_path / "seg", masks=True)
+    for a, b in zip(dataset.splits["train"].records, again.splits["train"].records):
+        assert a.segmentations == b.segmentations and np.array_equal(a.boxes, b.boxes)
+    assert any(r.segmentations for r in again.splits["train"].records)
+    prepare(load_dataset(root), tmp_path / "boxes", imgsz=64)
+    assert "masks" not in json.loads((tmp_path / "boxes" / "dataset.json").read_text())  # boxes-only: as before
+    with pytest.raises(DataError, match="prepared without instance masks.*dvc repro prepare"):
+        load_prepared(tmp_path / "boxes", masks=True)

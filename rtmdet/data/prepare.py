@@ -26,19 +26,24 @@ SMALL, MEDIUM = 32**2, 96**2
 TINY_SIDE = 8  # boxes whose shorter side is under this many pixels at imgsz are hard to learn
 
 
-def split_to_coco(split: DetectionSplit, dataset: DetectionDataset) -> dict[str, Any]:
-    """The validated split as COCO JSON with the user's image and category ids."""
+def split_to_coco(split: DetectionSplit, dataset: DetectionDataset, masks: bool = False) -> dict[str, Any]:
+    """The validated split as COCO JSON with the user's image and category ids; with `masks`, each
+    instance's segmentation (the part that passed validation) too."""
     images, annotations = [], []
     ann_id = 1
     for rec in split.records:
         images.append({"id": rec.image_id, "file_name": os.path.relpath(rec.file, split.img_dir),
                        "width": rec.width, "height": rec.height})
-        boxes = [(b, l, a, 0) for b, l, a in zip(rec.boxes, rec.labels, rec.areas)]
-        crowd = [(b, l, float((b[2] - b[0]) * (b[3] - b[1])), 1) for b, l in zip(rec.crowd_boxes, rec.crowd_labels)]
-        for box, label, area, iscrowd in boxes + crowd:
+        segms = rec.segmentations if masks and rec.segmentations is not None else [None] * len(rec.boxes)
+        boxes = [(b, l, a, 0, m) for b, l, a, m in zip(rec.boxes, rec.labels, rec.areas, segms)]
+        crowd = [(b, l, float((b[2] - b[0]) * (b[3] - b[1])), 1, None)
+                 for b, l in zip(rec.crowd_boxes, rec.crowd_labels)]
+        for box, label, area, iscrowd, segm in boxes + crowd:
             x1, y1, x2, y2 = (float(v) for v in box)
             annotations.append({"id": ann_id, "image_id": rec.image_id, "category_id": dataset.category_ids[int(label)],
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(area), "iscrowd": iscrowd})
+            if segm is not None:
+                annotations[-1]["segmentation"] = segm
             ann_id += 1
     categories = [{"id": c, "name": n, "supercategory": "none"} for n, c in zip(dataset.classes, dataset.category_ids)]
     return {"images": images, "annotations": annotations, "categories": categories}
@@ -70,15 +75,17 @@ def stored_img_dir(img_dir: Path, out_dir: Path) -> str:
     return str(img_dir)
 
 
-def prepare(dataset: DetectionDataset, out_dir: Path, imgsz: int, num_classes: int | None = None) -> dict[str, Any]:
-    """Write out_dir/dataset.json + annotations/<split>.json and return the statistics dict."""
+def prepare(dataset: DetectionDataset, out_dir: Path, imgsz: int, num_classes: int | None = None,
+            masks: bool = False) -> dict[str, Any]:
+    """Write out_dir/dataset.json + annotations/<split>.json and return the statistics dict; with
+    `masks` (the segment task; the dataset read with its masks), the segmentations too."""
     if num_classes is not None and num_classes != len(dataset.classes):
         raise DataError(f"data.num_classes is {num_classes} but the dataset has {len(dataset.classes)} classes "
                         f"({', '.join(dataset.classes)})")
     splits = {}
     for name, split in dataset.splits.items():
         ann = out_dir / "annotations" / f"{name}.json"
-        write_json_atomic(ann, split_to_coco(split, dataset))
+        write_json_atomic(ann, split_to_coco(split, dataset, masks))
         splits[name] = {"ann_file": f"annotations/{name}.json", "img_dir": stored_img_dir(split.img_dir, out_dir),
                         "source_ann_file": str(split.ann_file)}
     stats = summarize(dataset)
@@ -94,21 +101,27 @@ def prepare(dataset: DetectionDataset, out_dir: Path, imgsz: int, num_classes: i
     stats["imgsz"] = imgsz
     write_json_atomic(out_dir / "stats.json", stats)
     # dataset.json last: its presence marks a complete prepared folder.
-    write_json_atomic(out_dir / "dataset.json",
-                      {"classes": dataset.classes, "category_ids": dataset.category_ids, "splits": splits})
+    index = {"classes": dataset.classes, "category_ids": dataset.category_ids, "splits": splits}
+    if masks:  # only then: a boxes-only prepared folder stays byte for byte what it was
+        index["masks"] = True
+    write_json_atomic(out_dir / "dataset.json", index)
     return stats
 
 
-def load_prepared(prepared_dir: Path, check_images: bool = False) -> DetectionDataset:
-    """The dataset a prepare stage wrote (validated already, so images are not re-opened by default)."""
+def load_prepared(prepared_dir: Path, check_images: bool = False, masks: bool = False) -> DetectionDataset:
+    """The dataset a prepare stage wrote (validated already, so images are not re-opened by default);
+    with `masks`, its instance masks (prepared for the segment task)."""
     index_file = Path(prepared_dir) / "dataset.json"
     if not index_file.is_file():
         raise DataError(f"{index_file}: prepared dataset not found; run the prepare stage first (dvc repro prepare)")
     index = json.loads(index_file.read_text())
+    if masks and not index.get("masks"):
+        raise DataError(f"{index_file}: prepared without instance masks; model.task segment needs them "
+                        "(run the prepare stage again: dvc repro prepare)")
     prepared_dir = Path(prepared_dir).resolve()
     splits = {name: (prepared_dir / s["ann_file"], (prepared_dir / s["img_dir"]).resolve())
               for name, s in index["splits"].items()}
-    dataset = load_dataset(splits=splits, check_images=check_images)
+    dataset = load_dataset(splits=splits, check_images=check_images, masks=masks)
     if dataset.classes != index["classes"]:
         raise DataError(f"{index_file}: classes changed since prepare ({dataset.classes} vs {index['classes']})")
     return dataset
