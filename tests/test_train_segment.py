@@ -91,9 +91,19 @@ def _params(root: Path, task: str = "segment") -> tuple[DataParams, ModelParams,
                         val_interval=1, seed=0, device="cpu"))
 
 
-def test_segment_task_trains_rtmdet_ins_on_the_shared_trainer(shapes: Path, tmp_path: Path):
+@pytest.fixture(scope="module")
+def trained(shapes: Path, tmp_path_factory) -> tuple:
+    tmp_path = tmp_path_factory.mktemp("segrun")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    result = train(*_params(shapes), tmp_path / "run", live_dir=tmp_path / "live", progress=False)
+    try:
+        return train(*_params(shapes), tmp_path / "run", live_dir=tmp_path / "live", progress=False), tmp_path
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_segment_task_trains_rtmdet_ins_on_the_shared_trainer(trained: tuple):
+    result, tmp_path = trained
     ckpt = read_checkpoint(result.last)
     cfg = config_from_checkpoint(ckpt, result.last)
     assert cfg.task == "segment"
@@ -143,3 +153,45 @@ def test_the_mask_loss_reaches_the_kernels_and_mask_features_of_a_real_batch(sha
     assert head.mask_head.projection.weight.grad.abs().sum() > 0
     assert sum(c.weight.grad.abs().sum() for c in head.rtm_kernel) > 0
     assert head.rtm_cls[0].weight.grad is None or head.rtm_cls[0].weight.grad.abs().sum() == 0  # masks only
+
+
+def test_evaluate_picks_the_segment_task_from_the_checkpoint_and_agrees_with_validation(
+        trained: tuple, shapes: Path, tmp_path: Path):
+    from rtmdet.data.coco import load_dataset
+    from rtmdet.evaluation.coco_eval import evaluate_detector
+    from rtmdet.evaluation.stage import run_evaluation
+    from rtmdet.inference.postprocess_ins import InsPostprocessConfig
+    from rtmdet.inference.predictor import Detector
+    from rtmdet.models.checkpoint import load_model
+    from rtmdet.training.validate import Validator
+
+    result, _ = trained
+    out = run_evaluation(result.last, shapes, tmp_path / "reports", splits=("valid",), grid_images=2,
+                         batch_size=4, progress=False)["valid"]
+    assert out.masks is not None and out.masks.num_images == out.num_images
+    metrics = json.loads((tmp_path / "reports" / "metrics" / "evaluate.json").read_text())["valid"]
+    assert {"mask_mAP", "mask_mAP50", "mAP"} <= set(metrics)
+    header = (tmp_path / "reports" / "evaluate" / "per_class_valid.csv").read_text().splitlines()[0]
+    assert header.endswith(",mask_AP,mask_AP50")
+    # The training-time validation of the same weights makes the same detections and masks (a
+    # low score threshold: two epochs leave every score under the default 0.05).
+    dataset = load_dataset(shapes, masks=True)
+    detector = Detector.from_checkpoint(result.last, score_thr=0.001, batch_size=4)
+    dets = evaluate_detector(detector, dataset.splits["valid"], dataset, batch_size=4, progress=False).detections
+    assert all(len(d.masks) == len(d) for d in dets.values())
+    model, _ = load_model(result.last, tasks=("segment",))
+    val = Validator(dataset.splits["valid"], dataset, 64, torch.device("cpu"), batch_size=4, workers=0, masks=True,
+                    postprocess=InsPostprocessConfig(score_thr=0.001))
+    try:
+        table, rles = val.infer(model)
+    finally:
+        val.close()
+    assert len(table) == sum(len(d) for d in dets.values()) > 0
+    row = 0
+    for k, rec in enumerate(dataset.splits["valid"].records):
+        d = dets[int(rec.image_id)]
+        mine = table[row:row + len(d)]
+        assert (mine[:, 6] == k).all()
+        np.testing.assert_allclose(mine[:, :4], d.boxes, atol=1e-4)
+        assert rles[row:row + len(d)] == d.masks
+        row += len(d)

@@ -70,6 +70,7 @@ class EvalResult:
     images_per_s: float | None = None
     seconds: float | None = None  # wall time of the detector loop (see evaluate_detector)
     detections: dict[int, Detections] | None = field(default=None, repr=False)
+    masks: EvalResult | None = None  # the segment task: the same detections scored by their masks (segm)
 
     def pr_curve(self, label: int, iou: float | None = 0.5) -> tuple[np.ndarray, np.ndarray] | None:
         """(recall, precision) of class `label` at one IoU, or averaged over 0.50:0.95 when iou
@@ -93,6 +94,9 @@ class EvalResult:
             metrics[f"AP/{row['name']}"] = row["AP"]
         for row in self.per_class:
             metrics[f"AP50/{row['name']}"] = row["AP50"]
+        if self.masks is not None:
+            metrics.update({f"mask_{k}": v for k, v in self.masks.to_metrics().items()
+                            if k not in ("images_per_s", "num_images")})
         metrics["images_per_s"] = self.images_per_s
         metrics["num_images"] = self.num_images
         return metrics
@@ -385,13 +389,19 @@ def score_detections(
 ) -> EvalResult:  # fmt: skip
     """Score detections already made (keyed by original image id, labels in the dataset's class
     order) against `split`: the scoring half of evaluate_detector, for detectors that are not a
-    `Detector` (a peer model in a benchmark). Images without an entry count as all misses."""
-    result = evaluate_results(
-        coco_gt_from_split(split, dataset),
-        detections_to_coco_results(dets_by_image_id, dataset.category_ids),
-        dataset.classes,
-        dataset.category_ids,
-    )
+    `Detector` (a peer model in a benchmark). Images without an entry count as all misses.
+    Detections with masks (the segment task) are scored by their masks too (result.masks; the
+    split must be read with its masks)."""
+    with_masks = any(d.masks is not None for d in dets_by_image_id.values())
+    gt = coco_gt_from_split(split, dataset, masks=with_masks)
+    results = detections_to_coco_results(dets_by_image_id, dataset.category_ids)
+    result = evaluate_results(gt, results, dataset.classes, dataset.category_ids)
+    if with_masks:
+        rles = [r for d in dets_by_image_id.values() for r in (d.masks or [])]
+        if len(rles) != len(results):
+            raise ValueError("detections with masks must carry one mask per box")
+        segm = [{**r, "segmentation": rle} for r, rle in zip(results, rles)]
+        result.masks = CocoScorer(gt, dataset.classes, dataset.category_ids, "segm").score(segm)
     result.detections = dets_by_image_id
     return result
 

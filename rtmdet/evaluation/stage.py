@@ -54,9 +54,11 @@ def run_evaluation(
     from rtmdet.data.coco import load_dataset
     from rtmdet.inference.predictor import Detector
 
-    dataset = data if isinstance(data, DetectionDataset) else load_dataset(data)
-    chosen = select_splits(dataset, splits, require_all)
     detector = Detector.from_checkpoint(weights, device=device, image_size=image_size, batch_size=batch_size)
+    # A segment model (the checkpoint says) is scored by its masks too: the data with its masks.
+    masks = detector.task == "segment"
+    dataset = data if isinstance(data, DetectionDataset) else load_dataset(data, masks=masks)
+    chosen = select_splits(dataset, splits, require_all)
     return evaluate_splits(detector, dataset, out_dir, chosen, score_thr_confusion=score_thr_confusion,
                            iou_thr_confusion=iou_thr_confusion, grid_images=grid_images,
                            batch_size=batch_size, progress=progress)  # fmt: skip
@@ -91,8 +93,10 @@ def evaluate_splits(
                                     grid_images)  # fmt: skip
         results[name] = result
         metrics[name] = {**result.to_metrics(), **extra}
-        log.info("%s: mAP %s, mAP50 %s over %d images", name, _fmt(result.stats["mAP"]),
-                 _fmt(result.stats["mAP50"]), result.num_images)  # fmt: skip
+        masks = "" if result.masks is None else (f"; masks: mAP {_fmt(result.masks.stats['mAP'])}, "
+                                                 f"mAP50 {_fmt(result.masks.stats['mAP50'])}")
+        log.info("%s: mAP %s, mAP50 %s%s over %d images", name, _fmt(result.stats["mAP"]),
+                 _fmt(result.stats["mAP50"]), masks, result.num_images)  # fmt: skip
     write_json_atomic(out_dir / METRICS_FILE, metrics)
     log.info("wrote %s and reports in %s", out_dir / METRICS_FILE, out_dir / REPORT_DIR)
     return results
@@ -140,19 +144,23 @@ def write_split_reports(
 def per_class_rows(result: EvalResult, cm: ConfusionMatrix) -> list[dict[str, Any]]:
     """The per-class table: COCO AP / AP50 and the confusion counts at the score threshold."""
     rows = []
-    for row, counts in zip(result.per_class, cm.per_class(), strict=True):
+    mask_rows = result.masks.per_class if result.masks is not None else [None] * len(result.per_class)
+    for row, counts, mask in zip(result.per_class, cm.per_class(), mask_rows, strict=True):
         rows.append({
             "class": row["name"], "category_id": row["category_id"], "num_gt": row["num_gt"],
             "absent": row["absent"], "AP": row["AP"], "AP50": row["AP50"],
             **{k: counts[k] for k in ("tp", "fp", "fn", "precision", "recall")},
         })  # fmt: skip
+        if mask is not None:  # the segment task: mask AP beside the box AP
+            rows[-1].update(mask_AP=mask["AP"], mask_AP50=mask["AP50"])
     return rows
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
     """CSV text; None becomes an empty cell, floats keep 6 decimals."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=PER_CLASS_COLUMNS, lineterminator="\n")
+    columns = PER_CLASS_COLUMNS + tuple(k for k in ("mask_AP", "mask_AP50") if rows and k in rows[0])
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if v is None else round(v, 6) if isinstance(v, float) else v

@@ -1,8 +1,10 @@
 """Inference backends: each turns a uint8 BGR batch into raw per-level head outputs.
 
 A backend is small: `__call__(images_uint8 [N, 3, S, S]) -> (cls_scores, bbox_preds)` with, per
-level, class logits [N, C, H, W] and distances in pixels [N, 4, H, W] as torch tensors. Everything
-before (letterbox) and after (decode, NMS) is shared in `Detector`, so backends differ only here.
+level, class logits [N, C, H, W] and distances in pixels [N, 4, H, W] as torch tensors (a segment
+model's torch backend adds its kernels [N, 169, H, W] per level and the mask features [N, 8, S/8,
+S/8]). Everything before (letterbox) and after (decode, NMS, masks) is shared in `Detector`, so
+backends differ only here.
 """
 
 from __future__ import annotations
@@ -36,5 +38,5 @@ class TorchBackend:
     def __call__(self, images_uint8: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         x = self.model.normalize(images_uint8.to(self.device, non_blocking=True))
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half):
-            cls_scores, bbox_preds = self.model(x)
-        return [c.float() for c in cls_scores], [b.float() for b in bbox_preds]
+            outputs = self.model(x)
+        return tuple(o.float() if isinstance(o, torch.Tensor) else [t.float() for t in o] for o in outputs)

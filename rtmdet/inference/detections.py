@@ -16,6 +16,9 @@ class Detections:
     labels: np.ndarray  # [K] int64 class indices
     class_names: list[str]  # the model's classes; names[i] = class_names[labels[i]]
     image_hw: tuple[int, int] = (0, 0)  # original image height, width
+    # The segment task: each detection's mask over the original image, as a COCO RLE ({"size":
+    # [H, W], "counts": str}; pycocotools.mask.decode gives it back). None for box models.
+    masks: list[dict] | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])

@@ -31,7 +31,11 @@ class Detector:
         image_size: int,
         postprocess: PostprocessConfig = PostprocessConfig(),
         batch_size: int = 8,
+        task: str = "detect",
     ):
+        """task: detect, or segment (an RTMDet-Ins torch backend; postprocess an
+        InsPostprocessConfig; each Detections then carries its masks)."""
+        self.task = task
         self.backend = backend
         self.class_names = list(class_names)
         self.image_size = image_size
@@ -42,14 +46,16 @@ class Detector:
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> "Detector":
         """A torch Detector from an rtmdet or mmdetection checkpoint; kwargs: PostprocessConfig fields,
         `image_size` (default: the checkpoint's training size) and `batch_size`."""
+        from rtmdet.inference.postprocess_ins import InsPostprocessConfig
         from rtmdet.models.checkpoint import class_names_of, load_model
 
-        model, ckpt = load_model(path, device)
+        model, ckpt = load_model(path, device, tasks=("detect", "segment"))
         image_size = kwargs.pop("image_size", None) or model.cfg.image_size
         batch_size = kwargs.pop("batch_size", 8)
-        post = PostprocessConfig(**kwargs)
+        task = model.cfg.task
+        post = InsPostprocessConfig(**kwargs) if task == "segment" else PostprocessConfig(**kwargs)
         names = class_names_of(ckpt, model.cfg.num_classes)
-        return cls(TorchBackend(model, device), names, image_size, post, batch_size)
+        return cls(TorchBackend(model, device), names, image_size, post, batch_size, task)
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
         """One image -> Detections; a list of images -> a list of Detections."""
@@ -66,10 +72,30 @@ class Detector:
             canvas, info = letterbox(_as_bgr(item), self.image_size)
             canvases.append(canvas)
             infos.append(info)
-        cls_scores, bbox_preds = self.backend(to_chw_tensor(canvases))
-        results = postprocess_batch(cls_scores, bbox_preds, self.backend.strides, (self.image_size, self.image_size),
+        outputs = self.backend(to_chw_tensor(canvases))
+        if self.task == "segment":
+            return self._with_masks(outputs, infos)
+        results = postprocess_batch(outputs[0], outputs[1], self.backend.strides, (self.image_size, self.image_size),
                                     [i.scale_wh for i in infos], [i.ori_hw for i in infos], self.postprocess)
         return [to_detections(r, self.class_names, info.ori_hw) for r, info in zip(results, infos)]
+
+    def _with_masks(self, outputs: tuple, infos: list) -> list[Detections]:
+        """RTMDet-Ins's post-process image by image; masks kept as RLEs (an image's 100 full-size
+        masks would be 100 x H x W bytes)."""
+        from rtmdet.evaluation.coco_eval import masks_to_rles
+        from rtmdet.inference.postprocess_ins import postprocess_ins_single
+
+        cls_scores, bbox_preds, kernels, mask_feat = outputs
+        found = []
+        for i, info in enumerate(infos):
+            *result, masks = postprocess_ins_single(
+                [c[i] for c in cls_scores], [b[i] for b in bbox_preds], [k[i] for k in kernels], mask_feat[i],
+                self.backend.strides, (self.image_size, self.image_size), info.scale_wh, info.ori_hw,
+                self.postprocess)
+            dets = to_detections(tuple(result), self.class_names, info.ori_hw)
+            dets.masks = masks_to_rles(masks.cpu().numpy())
+            found.append(dets)
+        return found
 
 
 def to_detections(result: tuple, class_names: list[str], ori_hw: tuple[int, int]) -> Detections:

@@ -177,19 +177,27 @@ def save_atomic(obj: Any, path: str | Path) -> None:
     write_atomic(Path(path), lambda f: torch.save(obj, f))
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RTMDet, dict[str, Any]]:
-    """Build the model a checkpoint describes, load its weights, eval mode; returns (model, ckpt)."""
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               tasks: tuple[str, ...] = ("detect",)) -> tuple[RTMDet, dict[str, Any]]:
+    """Build the model a checkpoint describes, load its weights, eval mode; returns (model, ckpt).
+    `tasks`: the model tasks the caller handles (a checkpoint of another is one clear error)."""
     ckpt = read_checkpoint(path)
     cfg = config_from_checkpoint(ckpt, path)
-    if cfg.task != "detect":
-        raise CheckpointError(f"{path}: an RTMDet {cfg.task} model; prediction, evaluation and export handle box "
-                              f"detection only so far (build it with build_model({cfg.size!r}, {cfg.num_classes}, "
-                              f"task={cfg.task!r}) and load its state_dict)")
+    if cfg.task not in tasks:
+        what = "box detection" if tasks == ("detect",) else " and ".join(tasks)
+        raise CheckpointError(f"{path}: an RTMDet {cfg.task} model; this step handles {what} only so far "
+                              f"(build it with build_model({cfg.size!r}, {cfg.num_classes}, task={cfg.task!r}) "
+                              "and load its state_dict)")
     model = RTMDet(cfg)
     sd = extract_state_dict(ckpt, path)
     _check_keys(model, sd, path, strict=True)
     model.load_state_dict(sd, strict=False)
     return model.to(device).eval(), ckpt
+
+
+def checkpoint_task(path: str | Path) -> str:
+    """The task of the model a checkpoint holds: detect, segment or rotate."""
+    return config_from_checkpoint(read_checkpoint(path), path).task
 
 
 def class_names_of(ckpt: dict[str, Any], num_classes: int) -> list[str]:
