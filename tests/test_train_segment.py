@@ -173,6 +173,8 @@ def test_evaluate_picks_the_segment_task_from_the_checkpoint_and_agrees_with_val
     assert {"mask_mAP", "mask_mAP50", "mAP"} <= set(metrics)
     header = (tmp_path / "reports" / "evaluate" / "per_class_valid.csv").read_text().splitlines()[0]
     assert header.endswith(",mask_AP,mask_AP50")
+    assert (tmp_path / "reports" / "evaluate" / "pr_mask_valid.png").is_file()
+    assert json.loads((tmp_path / "reports" / "evaluate" / "pr_mask_valid.json").read_text()) is not None
     # The training-time validation of the same weights makes the same detections and masks (a
     # low score threshold: two epochs leave every score under the default 0.05).
     dataset = load_dataset(shapes, masks=True)
@@ -195,3 +197,16 @@ def test_evaluate_picks_the_segment_task_from_the_checkpoint_and_agrees_with_val
         np.testing.assert_allclose(mine[:, :4], d.boxes, atol=1e-4)
         assert rles[row:row + len(d)] == d.masks
         row += len(d)
+    # The worst-images grid tints the masks: ground truth's and predictions'.
+    from dataclasses import replace
+
+    from rtmdet.evaluation import plots
+    from rtmdet.evaluation.confusion import image_errors, rank_worst
+
+    records = dataset.splits["valid"].records
+    ranked = rank_worst(image_errors(records, dets, 0.001, 0.5))
+    tinted = plots.worst_images_grid(records, dets, ranked, dataset.classes, 0.001, num_images=2)
+    bare = plots.worst_images_grid([replace(r, segmentations=None) for r in records],
+                                   {k: replace(d, masks=None) for k, d in dets.items()}, ranked, dataset.classes,
+                                   0.001, num_images=2)
+    assert tinted.shape == bare.shape and (tinted != bare).any()

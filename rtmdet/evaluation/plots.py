@@ -298,15 +298,25 @@ def _pair_tile(
     small = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
     if dets is None or len(dets) == 0:
         boxes, scores, labels = np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+        keep = np.zeros(0, bool)
     else:
         keep = np.asarray(dets.scores) >= score_thr
         boxes, scores, labels = dets.boxes[keep], dets.scores[keep], dets.labels[keep]
     m = match_image(rec.boxes, rec.labels, boxes, scores, labels, iou_thr, rec.crowd_boxes)
+    if rec.segmentations is not None:  # the segment task: masks tinted in their class colours
+        from rtmdet.data.masks import segmentation_to_mask
+
+        gt_masks = [segmentation_to_mask(s, rec.height, rec.width) for s in rec.segmentations]
+        pred_masks = [] if dets is None or dets.masks is None else [
+            _decode_rle(r) for r, k in zip(dets.masks, keep) if k]
+        small_gt, small_pred = _tint(small, gt_masks, rec.labels), _tint(small, pred_masks, labels)
+    else:
+        small_gt = small_pred = small
     gt_wrong = np.array([p < 0 or labels[p] != rec.labels[g] for g, p in enumerate(m.gt_to_pred)], bool)
     pred_wrong = np.array([(g < 0 and not ign) or (g >= 0 and rec.labels[g] != labels[p])
                            for p, (g, ign) in enumerate(zip(m.pred_to_gt, m.ignored))], bool)  # fmt: skip
-    left = _draw(small, rec.boxes * scale, rec.labels, classes, None, gt_wrong)
-    right = _draw(small, boxes * scale, labels, classes, scores, pred_wrong)
+    left = _draw(small_gt, rec.boxes * scale, rec.labels, classes, None, gt_wrong)
+    right = _draw(small_pred, boxes * scale, labels, classes, scores, pred_wrong)
     header = 46
     pair = np.full((header + small.shape[0], 2 * tile + _GAP, 3), 255, np.uint8)
     pair[header:, : small.shape[1]] = left
@@ -319,6 +329,25 @@ def _pair_tile(
     cv2.putText(pair, f"predictions >= {score_thr:g} ({len(labels)})", (tile + _GAP + 2, 39), _FONT, 0.5,
                 grey, 1, cv2.LINE_AA)  # fmt: skip
     return pair
+
+
+def _decode_rle(rle: dict) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    counts = rle["counts"]
+    return mask_utils.decode({"size": rle["size"], "counts": counts.encode() if isinstance(counts, str) else counts})
+
+
+def _tint(image: np.ndarray, masks: Sequence[np.ndarray], labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The image with each full-size mask blended in its class colour (resized to the image)."""
+    if not len(masks):
+        return image
+    out = image.astype(np.float32)
+    h, w = image.shape[:2]
+    for mask, label in zip(masks, labels):
+        small = cv2.resize(np.asarray(mask, np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+        out[small] = out[small] * (1 - alpha) + np.asarray(class_color(int(label)), np.float32) * alpha
+    return out.round().astype(np.uint8)
 
 
 def _draw(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, classes: Sequence[str],

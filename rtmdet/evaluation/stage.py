@@ -11,6 +11,8 @@ Layout under out_dir (the pipeline points it at reports/):
   evaluate/pr_<split>.json         DVC plot data, rows {class, recall, precision} at IoU 0.50 (the
                                    mean over classes as class "all classes")
   evaluate/pr_<split>.png, confusion_<split>.png, per_class_ap_<split>.png, worst_<split>.png
+  a segment model's: mask_* metrics, mask_AP/mask_AP50 columns, pr_mask_<split>.json/.png, and
+  masks tinted in the worst-images grid
 Every file is written to a temporary name in its folder and renamed, so a killed stage never
 leaves a half-written file. JSON never holds NaN: undefined numbers are null.
 """
@@ -129,6 +131,9 @@ def write_split_reports(
             cm, f"Confusion matrix, {title}, score >= {score_thr:g}, IoU >= {iou_thr:g}"),
         "per_class_ap": plots.per_class_ap_figure(result, f"AP per class, {title}"),
     }  # fmt: skip
+    if result.masks is not None:  # the segment task: the masks' curves beside the boxes'
+        write_json_atomic(folder / f"pr_mask_{name}.json", pr_rows(result.masks))
+        figures["pr_mask"] = plots.pr_curves_figure(result.masks, f"Mask precision-recall per class, {title}")
     for key, fig in figures.items():
         write_atomic(folder / f"{key}_{name}.png", plots.figure_png(fig))
     ranked = rank_worst(image_errors(split.records, dets, score_thr, iou_thr))
