@@ -105,7 +105,7 @@ def test_readme_with_every_input(tmp_path):
     for link in ("report/training.png", "evaluate/pr_valid.png", "evaluate/worst_test.png",
                  "prepare/box_sizes.png"):  # fmt: skip
         assert f"]({link})" in page and (reports / link).is_file(), link
-    assert "* **model**: size=nano, imgsz=192, act=null" in page
+    assert "* **model**: size=nano, imgsz=192, task=detect, act=null" in page
     assert "| train | 24 | 60 | 1 |" in page
     assert (reports / "report/training.png").stat().st_size > 10_000
     assert "_No " not in page  # no section left out
