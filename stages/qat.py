@@ -9,6 +9,7 @@ from pathlib import Path
 from rtmdet.cli import run_stage
 from rtmdet.config import load_params
 from rtmdet.data.prepare import load_prepared
+from rtmdet.models.checkpoint import checkpoint_task
 from rtmdet.quantization.stage import run_qat
 from rtmdet.training.distributed import resolve_device
 
@@ -16,7 +17,7 @@ from rtmdet.training.distributed import resolve_device
 def main() -> None:
     params = load_params(sections=("train", "export", "qat"))
     qat = params["qat"]
-    dataset = load_prepared(Path("data/prepared"))
+    dataset = load_prepared(Path("data/prepared"), masks=checkpoint_task(Path("models/best.pt")) == "segment")
     run_qat(Path("models/best.pt"), dataset, qat, params["train"], params["export"],
             device=str(resolve_device(qat.device, what="qat.device")))
 

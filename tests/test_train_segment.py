@@ -210,3 +210,36 @@ def test_evaluate_picks_the_segment_task_from_the_checkpoint_and_agrees_with_val
                                    {k: replace(d, masks=None) for k, d in dets.items()}, ranked, dataset.classes,
                                    0.001, num_images=2)
     assert tinted.shape == bare.shape and (tinted != bare).any()
+
+
+def test_onnx_export_of_a_segment_model_gives_the_torch_detections_and_masks(trained: tuple, shapes: Path,
+                                                                            tmp_path: Path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from pycocotools import mask as mask_utils
+
+    from rtmdet.data.coco import load_dataset
+    from rtmdet.export.backends import detector_from_export
+    from rtmdet.export.command import export_checkpoint
+    from rtmdet.export.sidecar import read_meta
+    from rtmdet.inference.predictor import Detector
+
+    result, _ = trained
+    (path,) = export_checkpoint(result.last, "onnx", out=tmp_path)  # checked against torch in ONNX Runtime
+    meta = read_meta(path)
+    assert meta.kernel_outputs == ["ker_s8", "ker_s16", "ker_s32"] and meta.mask_output == "mask_feat"
+    assert "masks" in json.loads(path.with_suffix(".json").read_text())["conventions"]
+    files = [r.file for r in load_dataset(shapes).splits["valid"].records]
+    torch_dets = Detector.from_checkpoint(result.last, score_thr=0.001)(files)
+    onnx_dets = detector_from_export(path, score_thr=0.001)(files)
+    assert sum(len(d) for d in torch_dets) > 0
+    for t, o in zip(torch_dets, onnx_dets):
+        # An untrained model's scores nearly tie, and float32 in another runtime may swap two of
+        # them: compare each image's detections as a set, sorted by class and box.
+        assert len(t) == len(o)
+        order_t, order_o = (np.lexsort((d.boxes[:, 1].round(1), d.boxes[:, 0].round(1), d.labels)) for d in (t, o))
+        assert np.array_equal(t.labels[order_t], o.labels[order_o])
+        np.testing.assert_allclose(o.boxes[order_o], t.boxes[order_t], atol=0.05)
+        for i, j in zip(order_t, order_o):
+            a, b = ({"size": r["size"], "counts": r["counts"].encode()} for r in (t.masks[i], o.masks[j]))
+            assert mask_utils.iou([a], [b], [0])[0, 0] >= 0.99 or mask_utils.area(a) == mask_utils.area(b) == 0

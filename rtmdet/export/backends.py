@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 RUNTIME_INSTALL = "pip install 'rtmdet[onnx]' (ONNX Runtime) or pip install ai-edge-litert (TFLite)"
 
 
-def to_level_maps(outs: dict[str, np.ndarray], meta: ExportMeta) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def to_level_maps(outs: dict[str, np.ndarray], meta: ExportMeta) -> tuple:
     """Named outputs -> the Backend's maps. Outputs are channels-last, [N, H*W, C] (ONNX) or
-    [N, H, W, C] (TFLite), logits and distances in stride units; both hold the same bytes."""
+    [N, H, W, C] (TFLite), logits and distances in stride units; both hold the same bytes. A
+    segment model's kernels and mask features come as two more entries (NCHW, as torch's)."""
     cls_maps, reg_maps = [], []
     for stride, cls_name, reg_name in zip(meta.strides, meta.cls_outputs, meta.reg_outputs):
         side = meta.image_size // stride
@@ -39,7 +40,20 @@ def to_level_maps(outs: dict[str, np.ndarray], meta: ExportMeta) -> tuple[list[t
                                   f"for stride {stride}")
             # Multiplying by a power-of-two stride is exact in float32.
             dest.append(out.reshape(n, side, side, c).permute(0, 3, 1, 2) * scale)
-    return cls_maps, reg_maps
+    if not meta.kernel_outputs:
+        return cls_maps, reg_maps
+    kernels = [_nchw(outs[name], meta.image_size // stride, name) for stride, name in
+               zip(meta.strides, meta.kernel_outputs)]
+    return cls_maps, reg_maps, kernels, _nchw(outs[meta.mask_output], meta.image_size // min(meta.strides),
+                                              meta.mask_output)
+
+
+def _nchw(out: np.ndarray, side: int, name: str) -> torch.Tensor:
+    t = torch.from_numpy(np.asarray(out, dtype=np.float32))
+    n, c = t.shape[0], t.shape[-1]
+    if t.numel() != n * side * side * c:
+        raise ExportError(f"output {name} of shape {list(t.shape)} is not {side}x{side} cells")
+    return t.reshape(n, side, side, c).permute(0, 3, 1, 2)
 
 
 class OnnxRuntimeBackend:
@@ -62,7 +76,8 @@ class OnnxRuntimeBackend:
         check_contract(self.path, self.meta, "onnx", inputs, {o.name: o.shape for o in self.session.get_outputs()})
         batch = inputs[self.meta.input_name][0]
         self.static_batch = batch if isinstance(batch, int) else None
-        self.output_names = [*self.meta.cls_outputs, *self.meta.reg_outputs]
+        self.output_names = [*self.meta.cls_outputs, *self.meta.reg_outputs, *self.meta.kernel_outputs,
+                             *([self.meta.mask_output] if self.meta.mask_output else [])]
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """[N, 3, S, S] float pixels -> raw outputs by name (static-batch files run in chunks)."""
@@ -242,7 +257,8 @@ def _contract_problem(meta: ExportMeta, fmt: str, inputs: dict[str, Sequence],
         return f"its format is {meta.format!r}, not {fmt!r}"
     if meta.input_name not in inputs:
         return f"the model has no input named {meta.input_name!r} (it has {', '.join(inputs)})"
-    missing = [n for n in (*meta.cls_outputs, *meta.reg_outputs) if n not in outputs]
+    extra = [*meta.kernel_outputs, *([meta.mask_output] if meta.mask_output else [])]
+    missing = [n for n in (*meta.cls_outputs, *meta.reg_outputs, *extra) if n not in outputs]
     if missing:
         return f"outputs {', '.join(missing)} named in the sidecar are not in the model (it has {', '.join(outputs)})"
     input_dims = _dims(inputs[meta.input_name])
@@ -289,10 +305,14 @@ def detector_from_export(path: str | Path, class_names: Sequence[str] | None = N
     postprocess: PostprocessConfig fields (score_thr, iou_thr, max_per_img, ...).
     """
     from rtmdet.inference.postprocess import PostprocessConfig
+    from rtmdet.inference.postprocess_ins import InsPostprocessConfig
     from rtmdet.inference.predictor import Detector
 
     backend = open_backend(path, threads)
     names = list(class_names) if class_names is not None else backend.meta.classes
     if len(names) != len(backend.meta.classes):
         raise ExportError(f"{path}: {len(names)} class names given for a model with {len(backend.meta.classes)} classes")
+    if backend.meta.kernel_outputs:  # a segment model: masks from its kernels and mask features
+        return Detector(backend, names, backend.meta.image_size, InsPostprocessConfig(**postprocess), batch_size,
+                        task="segment")
     return Detector(backend, names, backend.meta.image_size, PostprocessConfig(**postprocess), batch_size)

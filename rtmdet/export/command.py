@@ -48,7 +48,8 @@ def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] =
 
     weights = Path(weights)
     _check_request(fmt, precisions, data, calib_images, dynamic_batch)
-    model, ckpt = load_model(weights)
+    # Segment models too: their kernels and mask features are more outputs.
+    model, ckpt = load_model(weights, tasks=("detect", "segment"))
     if image_size is not None:
         model.cfg = replace(model.cfg, image_size=image_size)
     if model.cfg.image_size % 32 or model.cfg.image_size < 32:

@@ -52,12 +52,31 @@ def output_names(strides: tuple[int, ...] | list[int]) -> tuple[list[str], list[
     return [f"cls_s{s}" for s in strides], [f"reg_s{s}" for s in strides]
 
 
+MASK_FEAT_NAME = "mask_feat"  # the segment task's mask features [N, (S/8)^2, 8] (ONNX)
+
+
+def mask_output_names(strides: tuple[int, ...] | list[int]) -> tuple[list[str], str]:
+    """A segment model's extra outputs: its kernels per level (169 dynamic-conv parameters per
+    cell, [N, H*W, 169]) and the mask features of the whole canvas."""
+    return [f"ker_s{s}" for s in strides], MASK_FEAT_NAME
+
+
+def all_output_names(model: "RTMDet") -> list[str]:
+    """Every output of the export, in the graph's order."""
+    cls_names, reg_names = output_names(model.strides)
+    if model.cfg.task != "segment":
+        return cls_names + reg_names
+    ker_names, mask_name = mask_output_names(model.strides)
+    return cls_names + reg_names + ker_names + [mask_name]
+
+
 def _wrapper(model: "RTMDet", layout: str = "flat"):
     from torch import nn
 
     class ExportWrapper(nn.Module):
         """Raw pixels in, six per-level tensors out (distances in stride units): flattened
-        [N, H*W, C] ("flat") or the head's own NCHW maps ("maps", what onnx2tf is given)."""
+        [N, H*W, C] ("flat") or the head's own NCHW maps ("maps", what onnx2tf is given). A
+        segment model adds its per-level kernels and the mask features, laid out alike."""
 
         def __init__(self, model: "RTMDet"):
             super().__init__()
@@ -68,10 +87,13 @@ def _wrapper(model: "RTMDet", layout: str = "flat"):
             self.net = net
 
         def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            cls_scores, bbox_preds = self.net(self.net.normalize(images))
+            outputs = self.net(self.net.normalize(images))
+            maps = [*outputs[0], *outputs[1]]
+            if len(outputs) == 4:  # segment: kernels per level, then the mask features
+                maps += [*outputs[2], outputs[3]]
             if layout == "maps":
-                return (*cls_scores, *bbox_preds)
-            return tuple(t.permute(0, 2, 3, 1).flatten(1, 2) for t in (*cls_scores, *bbox_preds))
+                return tuple(maps)
+            return tuple(t.permute(0, 2, 3, 1).flatten(1, 2) for t in maps)
 
     return ExportWrapper(model)
 
@@ -98,8 +120,7 @@ def onnx_model_bytes(model: "RTMDet", *, batch: int = 1, dynamic_batch: bool = F
     wrapper = _wrapper(model, layout)
     size = model.cfg.image_size
     dummy = torch.full((batch, 3, size, size), 114.0)
-    cls_names, reg_names = output_names(model.strides)
-    names = cls_names + reg_names
+    names = all_output_names(model)
     axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]} if dynamic_batch else None
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
@@ -148,8 +169,7 @@ def torch_reference(model: "RTMDet", images_uint8: np.ndarray) -> dict[str, np.n
     wrapper = _wrapper(model)
     with torch.no_grad():
         outs = wrapper(torch.from_numpy(images_uint8).float())
-    cls_names, reg_names = output_names(model.strides)
-    return {n: o.numpy() for n, o in zip(cls_names + reg_names, outs)}
+    return {n: o.numpy() for n, o in zip(all_output_names(model), outs)}
 
 
 def check_onnx(model: "RTMDet", data: bytes, batch: int, rtol: float = 2e-3) -> dict[str, float]:
@@ -192,12 +212,15 @@ def base_meta(model: "RTMDet", classes: list[str] | None, category_ids: list[int
         raise ExportError(f"{len(classes)} class names given for a model with {n} classes")
     mean, std = NORMALIZATIONS[model.cfg.normalization]
     cls_names, reg_names = output_names(model.strides)
-    return ExportMeta(format=fmt, precision=precision, classes=classes,
+    meta = ExportMeta(format=fmt, precision=precision, classes=classes,
                       category_ids=list(category_ids) if category_ids else list(range(n)),
                       image_size=model.cfg.image_size, strides=list(model.strides),
                       normalization=model.cfg.normalization, mean=list(mean), std=list(std),
                       cls_outputs=cls_names, reg_outputs=reg_names, model=model.cfg.to_dict(),
                       source=dict(source or {}), rtmdet_version=__version__)
+    if model.cfg.task == "segment":
+        meta.kernel_outputs, meta.mask_output = mask_output_names(model.strides)
+    return meta
 
 
 def export_onnx(model: "RTMDet", path: str | Path, *, classes: list[str] | None = None,

@@ -33,6 +33,10 @@ CONVENTIONS = {
            "box = (x - l*s, y - t*s, x + r*s, y + b*s) in letterboxed pixels",
     "nms": "not in the model: class-aware NMS at IoU 0.65 after a 0.001 score threshold "
            "(mmdetection's test_cfg) is what rtmdet's own evaluation uses",
+    "masks": "segment models only (kernel_outputs, mask_output): per level 169 dynamic-conv "
+             "parameters per cell, and the mask features (8 channels at stride 8); a kept "
+             "detection's mask = three 1x1 convs (10 -> 8 -> 8 -> 1, ReLU between) over [(cell point "
+             "- pixel point) / (8 x its stride), features], as rtmdet.models.head_ins.dynamic_mask_logits",
     "quantization": "int8/uint8 tensors: real = (q - zero_point) * scale; to feed a float x: "
                     "q = clip(round(x / scale) + zero_point)",
 }
@@ -64,9 +68,14 @@ class ExportMeta:
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint file name and sha256
     calibration: dict[str, Any] | None = None  # int8: split, image count, sha256 of the file list
     rtmdet_version: str = ""
+    kernel_outputs: list[str] = field(default_factory=list)  # segment models: one per stride
+    mask_output: str | None = None  # segment models: the mask features
 
     def to_json(self) -> str:
         d = {"rtmdet_export": SCHEMA, **asdict(self), "conventions": CONVENTIONS}
+        if not self.kernel_outputs:  # a box model's sidecar stays as it was
+            del d["kernel_outputs"], d["mask_output"]
+            d["conventions"] = {k: v for k, v in CONVENTIONS.items() if k != "masks"}
         return json.dumps(d, indent=2) + "\n"
 
     @classmethod
@@ -126,6 +135,10 @@ def _check_fields(path: Path, meta: ExportMeta) -> None:
         ("cls_outputs", _names(meta.cls_outputs, levels), f"one output name per stride ({levels} in strides)"),
         ("reg_outputs", _names(meta.reg_outputs, levels), f"one output name per stride ({levels} in strides)"),
         ("input_name", isinstance(meta.input_name, str), "a tensor name"),
+        ("kernel_outputs", meta.kernel_outputs == [] or _names(meta.kernel_outputs, levels),
+         f"empty, or one output name per stride ({levels} in strides)"),
+        ("mask_output", (meta.mask_output is None) == (meta.kernel_outputs == []),
+         "a tensor name exactly when kernel_outputs are given"),
     )
     for key, ok, expected in checks:
         if not ok:

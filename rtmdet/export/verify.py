@@ -48,12 +48,15 @@ class FormatScore:
     size_mb: float
     latency_ms: float
 
-    def row(self, torch_map: float | None) -> dict[str, Any]:
+    def row(self, torch_map: float | None, torch_mask_map: float | None = None) -> dict[str, Any]:
         m = self.metrics
         drop = None if torch_map is None else round(torch_map - m["mAP"], 5)
         row = {"mAP": m["mAP"], "mAP50": m["mAP50"], "mAP_small": m.get("mAP_small"), "drop": drop,
                "size_mb": round(self.size_mb, 3), "latency_ms": round(self.latency_ms, 2),
                "file": str(self.path)}
+        if "mask_mAP" in m:  # a segment model: its masks' numbers and drop too
+            row.update(mask_mAP=m["mask_mAP"], mask_mAP50=m["mask_mAP50"],
+                       mask_drop=None if torch_mask_map is None else round(torch_mask_map - m["mask_mAP"], 5))
         if self.path.suffix == ".tflite":  # what a runtime must implement to run the file
             from rtmdet.export.backends import tflite_operators
 
@@ -103,7 +106,8 @@ def score_format(name: str, path: Path, detector, dataset: DetectionDataset, spl
     files = [r.file for r in dataset.splits[split].records]
     ms = latency_ms(detector, files, latency_images)
     metrics = result.to_metrics()
-    log.info("%-12s mAP %.4f  mAP50 %.4f  %.2f MB  %.2f ms/img", name, metrics["mAP"], metrics["mAP50"],
+    masks = f"  mask mAP {metrics['mask_mAP']:.4f}" if "mask_mAP" in metrics else ""
+    log.info("%-12s mAP %.4f  mAP50 %.4f%s  %.2f MB  %.2f ms/img", name, metrics["mAP"], metrics["mAP50"], masks,
              path.stat().st_size / 1e6, ms)
     return FormatScore(name, path, metrics, path.stat().st_size / 1e6, ms)
 
@@ -143,7 +147,9 @@ def verify(weights: str | Path, exports: dict[str, Path], dataset: DetectionData
 def report(scores: list[FormatScore], split: str, threads: int) -> dict[str, Any]:
     """verify.json's content: {split, threads, formats: {name: row}}."""
     torch_map = next((s.metrics["mAP"] for s in scores if s.name == "torch"), None)
-    return {"split": split, "threads": threads, "formats": {s.name: s.row(torch_map) for s in scores}}
+    torch_mask_map = next((s.metrics.get("mask_mAP") for s in scores if s.name == "torch"), None)
+    return {"split": split, "threads": threads,
+            "formats": {s.name: s.row(torch_map, torch_mask_map) for s in scores}}
 
 
 def check_drops(summary: dict[str, Any], max_drop: float, int8_max_drop: float) -> list[str]:
@@ -151,17 +157,24 @@ def check_drops(summary: dict[str, Any], max_drop: float, int8_max_drop: float) 
     problems = []
     for name, row in summary["formats"].items():
         limit = int8_max_drop if "int8" in name else max_drop
-        if row["drop"] is not None and name != "torch" and row["drop"] > limit:
-            problems.append(f"{name} ({row['file']}): mAP {row['mAP']:.4f} is {row['drop']:.4f} below torch, "
-                            f"more than the allowed {limit} (verify.{'int8_' if 'int8' in name else ''}max_drop)")
+        for what, key, drop in (("mAP", "mAP", row["drop"]), ("mask mAP", "mask_mAP", row.get("mask_drop"))):
+            if drop is not None and name != "torch" and drop > limit:
+                problems.append(f"{name} ({row['file']}): {what} {row[key]:.4f} is {drop:.4f} below torch, more "
+                                f"than the allowed {limit} (verify.{'int8_' if 'int8' in name else ''}max_drop)")
     return problems
 
 
 def format_table(summary: dict[str, Any]) -> str:
-    lines = ["| format | mAP | mAP50 | drop vs torch | size MB | CPU ms/img |", "|---|---|---|---|---|---|"]
+    masks = any("mask_mAP" in r for r in summary["formats"].values())
+    head = "| format | mAP | mAP50 | drop vs torch |" + (" mask mAP | mask mAP50 | mask drop |" if masks else "")
+    lines = [head + " size MB | CPU ms/img |", "|---" * (6 + 3 * masks) + "|"]
     for name, r in summary["formats"].items():
         drop = "" if r["drop"] is None or name == "torch" else f"{r['drop']:+.4f}"
-        lines.append(f"| {name} | {r['mAP']:.4f} | {r['mAP50']:.4f} | {drop} | {r['size_mb']:.2f} | {r['latency_ms']:.2f} |")
+        cells = f"| {name} | {r['mAP']:.4f} | {r['mAP50']:.4f} | {drop} |"
+        if masks:
+            mdrop = "" if r.get("mask_drop") is None or name == "torch" else f"{r['mask_drop']:+.4f}"
+            cells += f" {r['mask_mAP']:.4f} | {r['mask_mAP50']:.4f} | {mdrop} |"
+        lines.append(cells + f" {r['size_mb']:.2f} | {r['latency_ms']:.2f} |")
     return "\n".join(lines)
 
 

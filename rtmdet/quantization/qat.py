@@ -33,6 +33,7 @@ from rtmdet.failpoints import kill_point
 from rtmdet.quantization.model import QATDetector, calibrate
 from rtmdet.training.build import seed_everything
 from rtmdet.training.losses import RTMDetLoss, make_priors
+from rtmdet.training.tasks import train_task
 from rtmdet.training.optim import LrSchedule, build_optimizer, set_lr
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ def finetune(model: QATDetector, dataset: DetectionDataset, qat: QATParams, trai
     lr = qat.lr * qat.batch_size / train.base_batch_size
     schedule = LrSchedule(lr, 0, 0, qat.epochs * iters, lr * train.min_lr_ratio)
     optimizer = build_optimizer(model, lr, train.weight_decay, device)
-    criterion = RTMDetLoss(model.strides)
+    task = train_task(model.cfg.task)  # the model's task loss (segment: the Dice mask loss too)
+    criterion = task.loss(model.strides)
     priors = make_priors([(imgsz // s, imgsz // s) for s in model.strides], model.strides, device=device)
     result, start, frozen = FinetuneResult(), time.perf_counter(), None
     log.info("QAT: %d epochs x %d iterations, lr %.3g, ranges fixed from epoch %d", qat.epochs, iters, lr,
@@ -98,7 +100,7 @@ def finetune(model: QATDetector, dataset: DetectionDataset, qat: QATParams, trai
         epoch_start = time.perf_counter()
         for k, batch in enumerate(bar):
             set_lr(optimizer, schedule(epoch * iters + k))
-            losses = _step(model, batch, criterion, priors, optimizer, device, train.channels_last)
+            losses = _step(model, batch, criterion, task.targets, priors, optimizer, device, train.channels_last)
             kill_point("qat:step")
             sums += losses
         means = (sums / iters).tolist()
@@ -118,13 +120,14 @@ def finetune(model: QATDetector, dataset: DetectionDataset, qat: QATParams, trai
     return result
 
 
-def _step(model: QATDetector, batch: dict[str, Any], criterion: RTMDetLoss, priors: torch.Tensor,
-          optimizer: torch.optim.Optimizer, device: torch.device, channels_last: bool) -> torch.Tensor:
+def _step(model: QATDetector, batch: dict[str, Any], criterion: RTMDetLoss, targets: tuple[str, ...],
+          priors: torch.Tensor, optimizer: torch.optim.Optimizer, device: torch.device,
+          channels_last: bool) -> torch.Tensor:
     x = model.normalize(batch["images"].to(device, non_blocking=True))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    cls_scores, bbox_preds = model(x)
-    losses = criterion(cls_scores, bbox_preds, batch["boxes"].to(device), batch["labels"].to(device), priors=priors)
+    on_device = {k: batch[k].to(device) for k in targets}
+    losses = criterion.normalize(criterion.step_sums(model(x), on_device, priors=priors))
     losses["loss"].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -36,7 +36,13 @@ def evaluate_model(model: torch.nn.Module, dataset: DetectionDataset, device: to
 
     if "valid" not in dataset.splits:
         raise DataError("the dataset has no valid split to score QAT on")
-    detector = Detector(TorchBackend(model, device), dataset.classes, model.cfg.image_size, batch_size=batch_size)
+    if model.cfg.task == "segment":
+        from rtmdet.inference.postprocess_ins import InsPostprocessConfig
+
+        detector = Detector(TorchBackend(model, device), dataset.classes, model.cfg.image_size, InsPostprocessConfig(),
+                            batch_size=batch_size, task="segment")
+    else:
+        detector = Detector(TorchBackend(model, device), dataset.classes, model.cfg.image_size, batch_size=batch_size)
     return evaluate_detector(detector, dataset.splits["valid"], dataset, batch_size, progress=False).to_metrics()
 
 
@@ -53,7 +59,7 @@ def run_qat(weights: Path, dataset: DetectionDataset, qat: QATParams, train: Tra
     out = out or QATOutputs()
     start = time.perf_counter()
     dev = torch.device(device)
-    model, ckpt = load_model(weights, dev)
+    model, ckpt = load_model(weights, dev, tasks=("detect", "segment"))
     classes = class_names_of(ckpt, model.cfg.num_classes)
     if classes != list(dataset.classes):
         raise DataError(f"{weights}: classes {classes} differ from the dataset's {list(dataset.classes)}")
@@ -90,4 +96,5 @@ def run_qat(weights: Path, dataset: DetectionDataset, qat: QATParams, train: Tra
 
 
 def _short(metrics: dict[str, Any]) -> dict[str, float | None]:
-    return {"mAP": metrics["mAP"], "mAP50": metrics["mAP50"]}
+    keys = ("mAP", "mAP50", "mask_mAP", "mask_mAP50")  # mask_*: a segment model's
+    return {k: metrics[k] for k in keys if k in metrics}
