@@ -243,3 +243,31 @@ def test_onnx_export_of_a_segment_model_gives_the_torch_detections_and_masks(tra
         for i, j in zip(order_t, order_o):
             a, b = ({"size": r["size"], "counts": r["counts"].encode()} for r in (t.masks[i], o.masks[j]))
             assert mask_utils.iou([a], [b], [0])[0, 0] >= 0.99 or mask_utils.area(a) == mask_utils.area(b) == 0
+
+
+def test_qat_fine_tunes_a_segment_model_with_its_mask_loss(trained: tuple, shapes: Path):
+    from rtmdet.config import QATParams
+    from rtmdet.data.coco import load_dataset
+    from rtmdet.models.checkpoint import load_model
+    from rtmdet.quantization.export import calibration_images
+    from rtmdet.quantization.model import prepare_qat
+    from rtmdet.quantization.qat import finetune
+    from rtmdet.quantization.stage import evaluate_model
+    from rtmdet.training import losses_ins
+
+    result, _ = trained
+    dataset = load_dataset(shapes, masks=True)
+    model, _ = load_model(result.last, tasks=("segment",))
+    calib, _ = calibration_images(dataset, 4, 0, 64)
+    qmodel = prepare_qat(model)
+    seen = []
+    real = losses_ins.RTMDetInsLoss.step_sums
+    try:
+        losses_ins.RTMDetInsLoss.step_sums = lambda self, *a, **k: seen.append(1) or real(self, *a, **k)
+        tuned = finetune(qmodel, dataset, QATParams(epochs=1, batch_size=4, freeze_observers_epoch=0, workers=0),
+                         TrainParams(channels_last=False), calib, torch.device("cpu"), progress=False)
+    finally:
+        losses_ins.RTMDetInsLoss.step_sums = real
+    assert len(seen) >= 2 and np.isfinite(tuned.history[0]["loss"])  # the Ins loss at every step
+    metrics = evaluate_model(qmodel, dataset, torch.device("cpu"), batch_size=4)
+    assert "mask_mAP" in metrics  # fake-quant masks scored too
