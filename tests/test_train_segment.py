@@ -245,7 +245,7 @@ def test_onnx_export_of_a_segment_model_gives_the_torch_detections_and_masks(tra
             assert mask_utils.iou([a], [b], [0])[0, 0] >= 0.99 or mask_utils.area(a) == mask_utils.area(b) == 0
 
 
-def test_qat_fine_tunes_a_segment_model_with_its_mask_loss(trained: tuple, shapes: Path):
+def test_qat_fine_tunes_a_segment_model_with_its_mask_loss(trained: tuple, shapes: Path, tmp_path: Path):
     from rtmdet.config import QATParams
     from rtmdet.data.coco import load_dataset
     from rtmdet.models.checkpoint import load_model
@@ -271,3 +271,16 @@ def test_qat_fine_tunes_a_segment_model_with_its_mask_loss(trained: tuple, shape
     assert len(seen) >= 2 and np.isfinite(tuned.history[0]["loss"])  # the Ins loss at every step
     metrics = evaluate_model(qmodel, dataset, torch.device("cpu"), batch_size=4)
     assert "mask_mAP" in metrics  # fake-quant masks scored too
+    # What the int8 export converts, and qat.pt's round trip: RTMDet-Ins's reg_convs are its
+    # cls_convs under a second name, which the traced model lists once.
+    from rtmdet.quantization.export import load_qat, save_qat
+    from rtmdet.quantization.model import to_float_model
+
+    folded = to_float_model(qmodel)
+    assert torch.equal(folded.bbox_head.reg_convs[0][0].conv.weight, folded.bbox_head.cls_convs[0][0].conv.weight)
+    save_qat(qmodel, tmp_path / "qat.pt", dataset.classes, dataset.category_ids, {"params": {}})
+    again, _ = load_qat(tmp_path / "qat.pt")
+    x = torch.randint(0, 255, (1, 3, 64, 64)).float()
+    with torch.no_grad():
+        a, b = qmodel.eval()(qmodel.normalize(x)), again(again.normalize(x))
+    assert torch.equal(a[3], b[3]) and all(torch.equal(p, q) for p, q in zip(a[2], b[2]))

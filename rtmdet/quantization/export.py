@@ -24,7 +24,7 @@ from rtmdet.errors import CheckpointError, first_line
 from rtmdet.models.checkpoint import extract_state_dict, read_checkpoint, save_atomic
 from rtmdet.models.detector import ModelConfig, RTMDet
 from rtmdet.models.fuse import fuse_conv_bn
-from rtmdet.quantization.model import QATDetector, prepare_qat, to_float_model
+from rtmdet.quantization.model import QATDetector, prepare_qat, to_float_model, with_aliases
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def load_qat(path: str | Path, device: str | torch.device = "cpu") -> tuple[QATD
         raise CheckpointError(f"{path}: not a QAT checkpoint (no quantizer ranges); QAT writes models/qat/qat.pt")
     folded = fuse_conv_bn(RTMDet(_qat_config(path, meta)))
     try:
-        folded.load_state_dict(extract_state_dict(ckpt, path), strict=True)
+        folded.load_state_dict(with_aliases(extract_state_dict(ckpt, path), folded), strict=True)
         model = prepare_qat(folded)
         model.load_ranges(ckpt["quantizers"])
     except (RuntimeError, ValueError, TypeError) as exc:  # TypeError: a range that is not a (lo, hi) pair

@@ -217,5 +217,21 @@ def calibrate(model: QATDetector, images_nhwc: np.ndarray, batch_size: int = 16)
 def to_float_model(model: QATDetector) -> RTMDet:
     """The BN-folded float RTMDet with the QAT weights: what the int8 export converts."""
     folded = fuse_conv_bn(RTMDet(model.cfg))
-    folded.load_state_dict(model.float_state_dict(), strict=True)
+    folded.load_state_dict(with_aliases(model.float_state_dict(), folded), strict=True)
     return folded.eval()
+
+
+def with_aliases(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` plus every key of `model` that names a tensor it already holds under another key.
+    A traced model lists a shared module once: RTMDet-Ins's reg_convs are its cls_convs (the same
+    modules under two names, as in mmdetection), and the trace keeps only the first name."""
+    names: dict[int, list[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(key)
+    out = dict(state)
+    for keys in names.values():
+        known = next((k for k in keys if k in state), None)
+        if known is not None:
+            for key in keys:
+                out.setdefault(key, state[known])
+    return out
