@@ -137,7 +137,7 @@ def output_agreement(model: QATDetector, tflite: str | Path, images_nhwc: np.nda
         got = runner(image)
         with torch.no_grad():
             x = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2).to(device)
-            cls, reg = model.eval()(model.normalize(x))
+            cls, reg = model.eval()(model.normalize(x))[:2]  # a segment model's kernels and masks are not compared
         ours = {n: t for n, t in zip(cls_names, cls)}
         ours.update({n: t / s for n, t, s in zip(reg_names, reg, model.strides)})
         for name, t in ours.items():
