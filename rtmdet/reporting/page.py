@@ -30,13 +30,15 @@ MEANING = {
     "recall_at_conf": "recall at the confusion threshold", "f1_at_conf": "F1 at the confusion threshold",
     "images_per_s": "inference speed of the evaluate stage", "num_images": "images scored",
 }  # fmt: skip
-EVALUATE_PNGS = (("pr", "Precision-recall curves"), ("confusion", "Confusion matrix"), ("per_class_ap", "AP per class"),
+EVALUATE_PNGS = (("pr", "Precision-recall curves"), ("pr_mask", "Mask precision-recall curves (segment)"),
+                 ("confusion", "Confusion matrix"), ("per_class_ap", "AP per class"),
                  ("worst", "Worst images first (ground truth | predictions)"))  # fmt: skip
 PREPARE_PNGS = {"boxes_per_class": "Boxes per class", "box_sizes": "Box sizes",
                 "augmented": "Augmented training samples"}  # fmt: skip
 # verify.json's numbers per format: key, header, decimals.
 FORMAT_COLUMNS = (("mAP", "mAP", 4), ("mAP50", "mAP50", 4), ("drop", "mAP drop vs torch", 4),
                   ("size_mb", "size (MB)", 2), ("latency_ms", "latency (ms / image)", 1))  # fmt: skip
+MASK_FORMAT_COLUMNS = (("mask_mAP", "mask mAP", 4), ("mask_drop", "mask mAP drop", 4))  # a segment model's
 DIGITS = {"images_per_s": 1}  # evaluate.json numbers not shown with 4 decimals
 
 
@@ -64,6 +66,7 @@ def _title(evaluate: dict[str, dict[str, Any]], params: dict[str, Any], run_name
     what = f"RTMDet-{model.size} at {model.imgsz} px" if model else "RTMDet"
     head = [f"# Run report: {what}" + (f", experiment `{run_name}`" if run_name else ""), ""]
     scores = [f"{split} mAP {fmt(v.get('mAP'))}, mAP50 {fmt(v.get('mAP50'))}"
+              + (f", mask mAP {fmt(v.get('mask_mAP'))}" if "mask_mAP" in v else "")
               + (f" ({v['num_images']} images)" if v.get("num_images") is not None else "")
               for split, v in evaluate.items()]  # fmt: skip
     return head + ["; ".join(scores) + ". Other runs: [experiments.md](experiments.md).", ""]
@@ -76,11 +79,19 @@ def _note(text: str) -> list[str]:
 def _metrics_section(evaluate: dict[str, dict[str, Any]]) -> list[str]:
     splits = list(evaluate)
     names = list(dict.fromkeys(k for v in evaluate.values() for k in v if "/" not in k))
-    rows = [[f"`{n}`", MEANING.get(n, ""), *(fmt(evaluate[s].get(n), DIGITS.get(n, 4)) for s in splits)]
+    rows = [[f"`{n}`", _meaning(n), *(fmt(evaluate[s].get(n), DIGITS.get(n, 4)) for s in splits)]
             for n in names]  # fmt: skip
-    return ["## Metrics", "", "COCO bbox metrics of `models/best.pt` (`metrics/evaluate.json`); "
+    return ["## Metrics", "", "COCO bbox (and for a segment model segm, as mask_*) metrics of `models/best.pt` "
+            "(`metrics/evaluate.json`); "
             "a dash is a number COCO leaves undefined (no boxes of that size).", "",
             table(["metric", "meaning", *splits], rows, align="ll" + "r" * len(splits)), ""]  # fmt: skip
+
+
+def _meaning(name: str) -> str:
+    """What a metric means; mask_<name>: the same, of the masks (a segment model's COCO segm)."""
+    if name.startswith("mask_") and name[5:] in MEANING:
+        return "masks: " + MEANING[name[5:]].replace("boxes", "objects")
+    return MEANING.get(name, "")
 
 
 def _exported_section(reports: Path) -> list[str]:
@@ -89,7 +100,10 @@ def _exported_section(reports: Path) -> list[str]:
     formats = data.get("formats") if isinstance(data, dict) else None
     if not isinstance(formats, dict) or not formats:
         return lines + _note(note or f"`{reports / VERIFY}` lists no formats.")
-    rows = [[f"`{name}`", *(fmt(formats[name].get(key), digits) for key, _, digits in FORMAT_COLUMNS)]
+    columns = FORMAT_COLUMNS
+    if any(isinstance(r, dict) and "mask_mAP" in r for r in formats.values()):
+        columns = columns[:3] + MASK_FORMAT_COLUMNS + columns[3:]
+    rows = [[f"`{name}`", *(fmt(formats[name].get(key), digits) for key, _, digits in columns)]
             for name in format_order([n for n in formats if isinstance(formats[n], dict)])]  # fmt: skip
     split = data.get("split", "valid")
     ops = [f"Operators of `{name}` (what a runtime must implement): "
@@ -98,7 +112,7 @@ def _exported_section(reports: Path) -> list[str]:
            and isinstance(formats[name], dict) and isinstance(formats[name].get("operators"), dict)]
     return lines + [f"Every format scored on {split} by the same evaluator (`metrics/verify.json`); "
                     "drop = torch mAP − the format's mAP.", "",
-                    table(["format", *(h for _, h, _ in FORMAT_COLUMNS)], rows, align="l" + "r" * len(FORMAT_COLUMNS)),
+                    table(["format", *(h for _, h, _ in columns)], rows, align="l" + "r" * len(columns)),
                     "", *(line for op_line in ops for line in (op_line, ""))]  # fmt: skip
 
 
@@ -106,10 +120,12 @@ def _qat_section(reports: Path) -> list[str]:
     data, note = read_optional(reports / QAT, "quantization-aware training scores")
     lines = ["## Quantization-aware training", ""]
     labels = {"float": "float model before QAT", "fake_quant": "after QAT, simulated int8 (fake-quant)"}
-    rows = [[labels.get(k, k), v.get("mAP"), v.get("mAP50")] for k, v in (data or {}).items() if isinstance(v, dict)]
-    if not rows:
+    scored = {k: v for k, v in (data or {}).items() if isinstance(v, dict)}
+    if not scored:
         return lines + _note(note or f"`{reports / QAT}` holds no scores.")
-    return lines + ["`metrics/qat.json`:", "", table(["model", "mAP", "mAP50"], rows, align="lrr"), ""]
+    keys = ["mAP", "mAP50"] + (["mask_mAP", "mask_mAP50"] if any("mask_mAP" in v for v in scored.values()) else [])
+    rows = [[labels.get(k, k), *(v.get(key) for key in keys)] for k, v in scored.items()]
+    return lines + ["`metrics/qat.json`:", "", table(["model", *keys], rows, align="l" + "r" * len(keys)), ""]
 
 
 def _distillation_section(reports: Path) -> list[str]:
