@@ -178,8 +178,10 @@ def _evaluate_plots_section(reports: Path, splits: Sequence[str]) -> list[str]:
         lines += [f"### {split}", ""]
         for key, caption in EVALUATE_PNGS:
             rel = EVALUATE_DIR / f"{key}_{split}.png"
-            lines += [f"**{caption}**", "", image(rel.as_posix(), f"{caption}, {split}"), ""] \
-                if (reports / rel).is_file() else _note(f"No {caption.lower()}: `{reports / rel}` does not exist.")
+            if (reports / rel).is_file():
+                lines += [f"**{caption}**", "", image(rel.as_posix(), f"{caption}, {split}"), ""]
+            elif key != "pr_mask":  # only segment models have mask curves
+                lines += _note(f"No {caption.lower()}: `{reports / rel}` does not exist.")
     return lines
 
 
