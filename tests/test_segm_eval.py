@@ -11,7 +11,8 @@ from pycocotools import mask as mask_utils
 from rtmdet.data.coco import load_dataset
 from rtmdet.data.loader import load_record
 from rtmdet.data.synthetic import make_synthetic_dataset
-from rtmdet.evaluation.coco_eval import CocoScorer, coco_gt_from_split, masks_to_rles
+from rtmdet.data.masks import masks_to_rles
+from rtmdet.evaluation.coco_eval import CocoScorer, coco_gt_from_split
 
 
 def _gt_with_one_square() -> dict:

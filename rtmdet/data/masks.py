@@ -85,3 +85,23 @@ def mask_loss_targets(masks: np.ndarray, stride: int = MASK_LOSS_STRIDE) -> tupl
     norm = np.maximum(area, 1e-7)
     centers = np.stack([cx / norm, cy / norm], axis=1).astype(np.float32) if k else np.zeros((0, 2), np.float32)
     return sampled, centers
+
+
+def masks_to_rles(masks: np.ndarray) -> list[dict[str, Any]]:
+    """[K, H, W] bool masks -> COCO compressed RLEs ({"size": [H, W], "counts": str}: JSON-safe,
+    what a COCO results file holds)."""
+    if len(masks) == 0:
+        return []
+    encoded = mask_utils.encode(np.asfortranarray(np.asarray(masks, np.uint8).transpose(1, 2, 0)))
+    return [{"size": [int(v) for v in e["size"]], "counts": e["counts"].decode("ascii")} for e in encoded]
+
+
+def rle_bytes(rle: dict[str, Any]) -> dict[str, Any]:
+    """An RLE with bytes counts, as pycocotools' functions take it (JSON holds str)."""
+    counts = rle["counts"]
+    return {"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
+    """A COCO RLE (str or bytes counts) -> [H, W] uint8 mask."""
+    return mask_utils.decode(rle_bytes(rle))

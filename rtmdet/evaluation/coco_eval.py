@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from rtmdet.data.masks import rle_bytes
 from rtmdet.data.records import DetectionDataset, DetectionSplit
 from rtmdet.errors import DataError
 from rtmdet.inference.detections import Detections
@@ -238,7 +239,7 @@ class CocoScorer:
                 raise ValueError("segm scoring needs one RLE per detection")
             for r, rle in zip(results, rles):
                 r["segmentation"] = rle
-            areas = [float(mask_utils.area(_rle_bytes(rle))) for rle in rles]
+            areas = [float(mask_utils.area(rle_bytes(rle))) for rle in rles]
         else:
             areas = [r["bbox"][2] * r["bbox"][3] for r in results]
         anns = [{**r, "area": a, "id": k, "iscrowd": 0} for k, (r, a) in enumerate(zip(results, areas), start=1)]
@@ -278,22 +279,6 @@ class CocoScorer:
             category_ids=list(self.category_ids),
             num_images=len(self.gt["images"]),
         )
-
-
-def masks_to_rles(masks: np.ndarray) -> list[dict[str, Any]]:
-    """[K, H, W] bool masks -> COCO compressed RLEs ({"size": [H, W], "counts": str}: JSON-safe,
-    what a COCO results file holds)."""
-    from pycocotools import mask as mask_utils
-
-    if len(masks) == 0:
-        return []
-    encoded = mask_utils.encode(np.asfortranarray(np.asarray(masks, np.uint8).transpose(1, 2, 0)))
-    return [{"size": [int(v) for v in e["size"]], "counts": e["counts"].decode("ascii")} for e in encoded]
-
-
-def _rle_bytes(rle: dict[str, Any]) -> dict[str, Any]:
-    counts = rle["counts"]
-    return {"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
 def pycocotools_summary(values: Sequence[float]) -> str:

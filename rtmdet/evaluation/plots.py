@@ -304,11 +304,11 @@ def _pair_tile(
         boxes, scores, labels = dets.boxes[keep], dets.scores[keep], dets.labels[keep]
     m = match_image(rec.boxes, rec.labels, boxes, scores, labels, iou_thr, rec.crowd_boxes)
     if rec.segmentations is not None:  # the segment task: masks tinted in their class colours
-        from rtmdet.data.masks import segmentation_to_mask
+        from rtmdet.data.masks import rle_to_mask, segmentation_to_mask
 
         gt_masks = [segmentation_to_mask(s, rec.height, rec.width) for s in rec.segmentations]
         pred_masks = [] if dets is None or dets.masks is None else [
-            _decode_rle(r) for r, k in zip(dets.masks, keep) if k]
+            rle_to_mask(r) for r, k in zip(dets.masks, keep) if k]
         small_gt, small_pred = _tint(small, gt_masks, rec.labels), _tint(small, pred_masks, labels)
     else:
         small_gt = small_pred = small
@@ -329,13 +329,6 @@ def _pair_tile(
     cv2.putText(pair, f"predictions >= {score_thr:g} ({len(labels)})", (tile + _GAP + 2, 39), _FONT, 0.5,
                 grey, 1, cv2.LINE_AA)  # fmt: skip
     return pair
-
-
-def _decode_rle(rle: dict) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
-    counts = rle["counts"]
-    return mask_utils.decode({"size": rle["size"], "counts": counts.encode() if isinstance(counts, str) else counts})
 
 
 def _tint(image: np.ndarray, masks: Sequence[np.ndarray], labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:

@@ -82,7 +82,7 @@ class Detector:
     def _with_masks(self, outputs: tuple, infos: list) -> list[Detections]:
         """RTMDet-Ins's post-process image by image; masks kept as RLEs (an image's 100 full-size
         masks would be 100 x H x W bytes)."""
-        from rtmdet.evaluation.coco_eval import masks_to_rles
+        from rtmdet.data.masks import masks_to_rles
         from rtmdet.inference.postprocess_ins import postprocess_ins_single
 
         cls_scores, bbox_preds, kernels, mask_feat = outputs

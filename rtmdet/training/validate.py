@@ -24,7 +24,8 @@ from torch import nn
 
 from rtmdet.data.loader import ValDataset, build_dataloader
 from rtmdet.data.records import DetectionDataset, DetectionSplit
-from rtmdet.evaluation.coco_eval import coco_gt_from_split, masks_to_rles
+from rtmdet.data.masks import masks_to_rles
+from rtmdet.evaluation.coco_eval import coco_gt_from_split
 from rtmdet.evaluation.score_process import ScoreProcess, make_scorers, score_table
 from rtmdet.inference.postprocess import PostprocessConfig, postprocess_batch
 from rtmdet.inference.postprocess_ins import InsPostprocessConfig, postprocess_ins_single
