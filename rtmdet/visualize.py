@@ -1,4 +1,4 @@
-"""Drawing boxes and class names on images (predict, show-data, evaluation grids)."""
+"""Drawing boxes, class names and instance masks on images (predict, show-data, evaluation grids)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,23 @@ def class_color(label: int) -> tuple[int, int, int]:
     h = (label * 0.618033988749895) % 1.0
     r, g, b = colorsys.hsv_to_rgb(h, 0.85, 0.95)
     return int(b * 255), int(g * 255), int(r * 255)
+
+
+def draw_masks(image_bgr: np.ndarray, masks: Sequence[np.ndarray], labels: np.ndarray,
+               alpha: float = 0.45) -> np.ndarray:
+    """The image with each instance mask blended in its class colour (masks of another size are
+    resized to the image, nearest neighbour)."""
+    if not len(masks):
+        return image_bgr
+    out = image_bgr.astype(np.float32)
+    h, w = image_bgr.shape[:2]
+    for mask, label in zip(masks, labels):
+        m = np.asarray(mask, np.uint8)
+        if m.shape != (h, w):
+            m = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST)
+        m = m.astype(bool)
+        out[m] = out[m] * (1 - alpha) + np.asarray(class_color(int(label)), np.float32) * alpha
+    return out.round().astype(np.uint8)
 
 
 def text_color(bgr: tuple[int, int, int]) -> tuple[int, int, int]:

@@ -181,6 +181,8 @@ def test_evaluate_picks_the_segment_task_from_the_checkpoint_and_agrees_with_val
     detector = Detector.from_checkpoint(result.last, score_thr=0.001, batch_size=4)
     dets = evaluate_detector(detector, dataset.splits["valid"], dataset, batch_size=4, progress=False).detections
     assert all(len(d.masks) == len(d) for d in dets.values())
+    for rec in dataset.splits["valid"].records:  # every mask is the image's size (COCO's segm needs it)
+        assert all(m["size"] == [rec.height, rec.width] for m in dets[int(rec.image_id)].masks)
     model, _ = load_model(result.last, tasks=("segment",))
     val = Validator(dataset.splits["valid"], dataset, 64, torch.device("cpu"), batch_size=4, workers=0, masks=True,
                     postprocess=InsPostprocessConfig(score_thr=0.001))
@@ -284,3 +286,21 @@ def test_qat_fine_tunes_a_segment_model_with_its_mask_loss(trained: tuple, shape
     with torch.no_grad():
         a, b = qmodel.eval()(qmodel.normalize(x)), again(again.normalize(x))
     assert torch.equal(a[3], b[3]) and all(torch.equal(p, q) for p, q in zip(a[2], b[2]))
+
+
+def test_predict_draws_and_writes_the_masks_of_a_segment_model(trained: tuple, shapes: Path, tmp_path: Path):
+    import cv2
+
+    from rtmdet.cli import main
+    from rtmdet.data.masks import rle_to_mask
+
+    result, _ = trained
+    image = sorted((shapes / "valid").glob("*.jpg"))[0]
+    out = tmp_path / "pred"
+    assert main(["predict", "--weights", str(result.last), "--source", str(image), "--out", str(out),
+                 "--score-thr", "0.001", "--device", "cpu"]) == 0
+    rows = json.loads((out / "predictions.json").read_text())
+    h, w = cv2.imread(str(image)).shape[:2]
+    assert rows and all(r["segmentation"]["size"] == [h, w] for r in rows)
+    assert rle_to_mask(rows[0]["segmentation"]).shape == (h, w)
+    assert (out / image.with_suffix(".jpg").name).is_file()

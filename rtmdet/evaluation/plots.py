@@ -20,7 +20,7 @@ from rtmdet.evaluation.coco_eval import EvalResult
 from rtmdet.evaluation.confusion import ConfusionMatrix, ImageErrors
 from rtmdet.imageio import read_image
 from rtmdet.inference.detections import Detections
-from rtmdet.visualize import class_color, draw_boxes
+from rtmdet.visualize import class_color, draw_boxes, draw_masks
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -309,7 +309,7 @@ def _pair_tile(
         gt_masks = [segmentation_to_mask(s, rec.height, rec.width) for s in rec.segmentations]
         pred_masks = [] if dets is None or dets.masks is None else [
             rle_to_mask(r) for r, k in zip(dets.masks, keep) if k]
-        small_gt, small_pred = _tint(small, gt_masks, rec.labels), _tint(small, pred_masks, labels)
+        small_gt, small_pred = draw_masks(small, gt_masks, rec.labels), draw_masks(small, pred_masks, labels)
     else:
         small_gt = small_pred = small
     gt_wrong = np.array([p < 0 or labels[p] != rec.labels[g] for g, p in enumerate(m.gt_to_pred)], bool)
@@ -329,18 +329,6 @@ def _pair_tile(
     cv2.putText(pair, f"predictions >= {score_thr:g} ({len(labels)})", (tile + _GAP + 2, 39), _FONT, 0.5,
                 grey, 1, cv2.LINE_AA)  # fmt: skip
     return pair
-
-
-def _tint(image: np.ndarray, masks: Sequence[np.ndarray], labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The image with each full-size mask blended in its class colour (resized to the image)."""
-    if not len(masks):
-        return image
-    out = image.astype(np.float32)
-    h, w = image.shape[:2]
-    for mask, label in zip(masks, labels):
-        small = cv2.resize(np.asarray(mask, np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-        out[small] = out[small] * (1 - alpha) + np.asarray(class_color(int(label)), np.float32) * alpha
-    return out.round().astype(np.uint8)
 
 
 def _draw(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, classes: Sequence[str],

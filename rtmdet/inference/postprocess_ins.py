@@ -10,7 +10,8 @@ step by step (refs README, "Post-processing"):
 9.   bilinear x8 to the canvas;
 10.  bilinear to ceil(canvas / scale) and a top-left crop to the original image. mmdetection
      divides the rows by the width's scale factor and the columns by the height's; this port does
-     the same (with a keep-ratio letterbox the two differ by rounding only);
+     the same (with a keep-ratio letterbox the two differ by rounding only), and pads a map that
+     falls short of the image with background (mmdetection would return a smaller mask);
 11.  masks = sigmoid(logits) > mask_thr, in fp32, computed as logits > logit(mask_thr) (sigmoid is
      increasing; this skips a sigmoid over K full-size maps, 15% of the post-process on a CPU).
 
@@ -94,6 +95,11 @@ def _masks(mask_feat: torch.Tensor, kernels: torch.Tensor, priors: torch.Tensor,
     sw, sh = scale_wh  # mmdetection: rows by the width's factor, columns by the height's
     size = (math.ceil(canvas_hw[0] * (1 / sw)), math.ceil(canvas_hw[1] * (1 / sh)))
     logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0, :, :h0, :w0]
+    if logits.shape[-2:] != (h0, w0):
+        # Rows scaled by the width's factor and columns by the height's (mmdetection's order) can
+        # fall a few pixels short of the image (375 x 244 at 64 px: 372 columns); what is missing
+        # is background, so every mask has the image's size, as COCO's segm scoring requires.
+        logits = F.pad(logits, (0, w0 - logits.shape[-1], 0, h0 - logits.shape[-2]), value=float("-inf"))
     if not 0.0 < thr < 1.0:
         return logits.sigmoid() > thr
     return logits > math.log(thr / (1.0 - thr))

@@ -50,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     import cv2
     from tqdm import tqdm
 
+    from rtmdet.data.masks import rle_to_mask
     from rtmdet.inference.predictor import Detector
-    from rtmdet.visualize import draw_boxes
+    from rtmdet.visualize import draw_boxes, draw_masks
 
     device = resolve_device(args.device)
     if args.imgsz is not None and args.imgsz % 32:
@@ -69,13 +70,16 @@ def run(args: argparse.Namespace) -> int:
         rel = path.relative_to(base)
         out_file = args.out / rel.with_suffix(".jpg")
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(out_file), draw_boxes(image, det.boxes, det.labels, det.class_names, det.scores))
-        for box, score, label in zip(det.boxes, det.scores, det.labels):
+        canvas = image if det.masks is None else draw_masks(image, [rle_to_mask(r) for r in det.masks], det.labels)
+        cv2.imwrite(str(out_file), draw_boxes(canvas, det.boxes, det.labels, det.class_names, det.scores))
+        for k, (box, score, label) in enumerate(zip(det.boxes, det.scores, det.labels)):
             x1, y1, x2, y2 = (float(v) for v in box)
             results.append({"image_id": image_id, "file_name": rel.as_posix(), "category_id": int(label),
                             "category_name": det.class_names[int(label)],
                             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                             "score": round(float(score), 5)})
+            if det.masks is not None:  # a segment model: the instance's mask, a COCO RLE
+                results[-1]["segmentation"] = det.masks[k]
         n_boxes += len(det)
     (args.out / "predictions.json").write_text(json.dumps(results, indent=1))
     print(f"{len(files)} images, {n_boxes} detections -> {args.out} (predictions.json)")
