@@ -68,6 +68,24 @@ def postprocess_ins_single(cls_scores: list[torch.Tensor], bbox_preds: list[torc
     return boxes, scores, labels, masks
 
 
+def postprocess_ins_batch(outputs: tuple, strides: tuple[int, ...], canvas_hw: tuple[int, int],
+                          scale_wh: list, ori_hw: list,
+                          cfg: InsPostprocessConfig = InsPostprocessConfig()) -> list[tuple]:
+    """A batch of an RTMDet-Ins model's outputs (cls, bbox, kernel maps per level, mask features),
+    image by image -> per image (boxes, scores, labels, masks as COCO RLEs): what Detector and
+    the training validator both keep (an image's 100 full-size masks as RLEs, not bytes)."""
+    from rtmdet.data.masks import masks_to_rles
+
+    cls_scores, bbox_preds, kernels, mask_feat = outputs
+    found = []
+    for i in range(mask_feat.shape[0]):
+        boxes, scores, labels, masks = postprocess_ins_single(
+            [c[i] for c in cls_scores], [b[i] for b in bbox_preds], [k[i] for k in kernels], mask_feat[i],
+            strides, canvas_hw, tuple(scale_wh[i]), tuple(ori_hw[i]), cfg)
+        found.append((boxes, scores, labels, masks_to_rles(masks.cpu().numpy())))
+    return found
+
+
 def _level_candidates(cls: torch.Tensor, reg: torch.Tensor, kernel: torch.Tensor, stride: int,
                       canvas_hw: tuple[int, int], cfg: InsPostprocessConfig) -> tuple[torch.Tensor, ...]:
     """Every (location, class) over score_thr in one level, the nms_pre best, with its decoded box,

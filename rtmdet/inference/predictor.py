@@ -80,20 +80,15 @@ class Detector:
         return [to_detections(r, self.class_names, info.ori_hw) for r, info in zip(results, infos)]
 
     def _with_masks(self, outputs: tuple, infos: list) -> list[Detections]:
-        """RTMDet-Ins's post-process image by image; masks kept as RLEs (an image's 100 full-size
-        masks would be 100 x H x W bytes)."""
-        from rtmdet.data.masks import masks_to_rles
-        from rtmdet.inference.postprocess_ins import postprocess_ins_single
+        """RTMDet-Ins's post-process; each Detections carries its masks as COCO RLEs."""
+        from rtmdet.inference.postprocess_ins import postprocess_ins_batch
 
-        cls_scores, bbox_preds, kernels, mask_feat = outputs
         found = []
-        for i, info in enumerate(infos):
-            *result, masks = postprocess_ins_single(
-                [c[i] for c in cls_scores], [b[i] for b in bbox_preds], [k[i] for k in kernels], mask_feat[i],
-                self.backend.strides, (self.image_size, self.image_size), info.scale_wh, info.ori_hw,
-                self.postprocess)
+        results = postprocess_ins_batch(outputs, self.backend.strides, (self.image_size, self.image_size),
+                                        [i.scale_wh for i in infos], [i.ori_hw for i in infos], self.postprocess)
+        for (*result, rles), info in zip(results, infos):
             dets = to_detections(tuple(result), self.class_names, info.ori_hw)
-            dets.masks = masks_to_rles(masks.cpu().numpy())
+            dets.masks = rles
             found.append(dets)
         return found
 

@@ -24,11 +24,10 @@ from torch import nn
 
 from rtmdet.data.loader import ValDataset, build_dataloader
 from rtmdet.data.records import DetectionDataset, DetectionSplit
-from rtmdet.data.masks import masks_to_rles
 from rtmdet.evaluation.coco_eval import coco_gt_from_split
 from rtmdet.evaluation.score_process import ScoreProcess, make_scorers, score_table
 from rtmdet.inference.postprocess import PostprocessConfig, postprocess_batch
-from rtmdet.inference.postprocess_ins import InsPostprocessConfig, postprocess_ins_single
+from rtmdet.inference.postprocess_ins import InsPostprocessConfig, postprocess_ins_batch
 
 CACHE_BYTES = 2 << 30  # 2 GiB of uint8 canvases: COCO's 5,000 val images at 416 px, facemask's at 2,000+
 
@@ -123,8 +122,12 @@ class Validator:
                 torch.cuda.synchronize(self.device)  # one per batch: splits model from post-process time
             t1 = time.perf_counter()
             scale, ori = batch["scale_wh"].tolist(), batch["ori_hw"].tolist()
-            if self.masks:
-                found = self._with_masks(outputs, tuple(model.strides), scale, ori, rles)
+            if self.masks:  # RTMDet-Ins: its masks as RLEs, in the table's row order
+                found = []
+                for *result, masks in postprocess_ins_batch(outputs, tuple(model.strides), (self.imgsz, self.imgsz),
+                                                             scale, ori, self.postprocess):
+                    found.append(tuple(result))
+                    rles += masks
             else:
                 found = postprocess_batch(cls_scores, bbox_preds, tuple(model.strides), (self.imgsz, self.imgsz),
                                           scale, ori, self.postprocess)
@@ -140,16 +143,3 @@ class Validator:
         self.seconds = {"inference": time.perf_counter() - start, "model": model_s, "postprocess": post_s}
         return (np.concatenate(parts) if parts else np.zeros((0, 7), np.float32)), rles
 
-    def _with_masks(self, outputs: tuple, strides: tuple[int, ...], scale: list, ori: list,
-                    rles: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """RTMDet-Ins's post-process image by image: (boxes, scores, labels) per image, and each
-        kept instance's mask appended to `rles` in the same order."""
-        cls_scores, bbox_preds, kernels, mask_feat = outputs
-        found = []
-        for i in range(mask_feat.shape[0]):
-            boxes, scores, labels, masks = postprocess_ins_single(
-                [c[i] for c in cls_scores], [b[i] for b in bbox_preds], [k[i] for k in kernels], mask_feat[i],
-                strides, (self.imgsz, self.imgsz), tuple(scale[i]), tuple(ori[i]), self.postprocess)
-            rles += masks_to_rles(masks.cpu().numpy())
-            found.append((boxes, scores, labels))
-        return found
