@@ -2,7 +2,7 @@
 
     python benchmarks/peer_yolo.py --data ROOT [--epochs 100] [--batch 32] [--pairs tiny:320 nano:192 nano-silu:192]
         [--workers N] [--seed 0] [--out DIR] [--only rtmdet|yolo] [--rtmdet-set train.lr=0.004 ...]
-        [--wheels DIR] [--keep-weights]
+        [--wheels DIR] [--keep-weights] [--task detect|segment]
     python benchmarks/peer_yolo.py --merge A/peer_yolo.json B/peer_yolo.json [--out DIR]
 
 ROOT is a Roboflow COCO export (train/ and valid/ with _annotations.coco.json). For each pair
@@ -19,6 +19,14 @@ Columns: wall s is the whole train call (data setup, training and the in-trainin
 for YOLO also its final re-validation of best.pt); img/s = epochs x train images / wall s;
 peak mem is torch.cuda.max_memory_allocated over training; params are those of the trained model
 (3-class heads, BatchNorm not folded). Writes OUT/peer_yolo.json and the children's logs in OUT/logs.
+
+--task segment is the instance-segmentation pair: RTMDet-Ins-SIZE (model.task=segment, the same
+recipe) against YOLO11n-seg (yolo11n-seg.yaml; labels are the annotations' polygons, several parts
+of one instance joined as ultralytics' own COCO converter joins them). Both are scored by one
+pycocotools call per iou type: box (bbox) and mask (segm, each detection's mask at the original
+image size as an RLE; YOLO's with retina_masks, i.e. upsampled to the original image as its own
+validator does for its final metrics). The table gains mask mAP50-95 and mask mAP50, the pair line
+the mask ratio.
 
 Ultralytics is a benchmark-only dependency: when it cannot be imported it is installed from the
 wheels in --wheels (ultralytics and ultralytics_thop; its other deps must be there already) into the
@@ -69,7 +77,7 @@ RTMDET_RECIPE: dict[str, Any] = {
     "gpus": 1,  # --rtmdet-set train.gpus=2 train.batch_size=16: the same total batch on two GPUs
 }
 SCORE_THR, NMS_IOU, MAX_DETS = 0.001, 0.65, 100
-YOLO_MODEL = "yolo11n.yaml"
+YOLO_MODELS = {"detect": "yolo11n.yaml", "segment": "yolo11n-seg.yaml"}
 
 
 # ---- parent: run the children, print the table --------------------------------------------------
@@ -118,6 +126,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="scratch parent folder (default: the system temp)")
     p.add_argument("--keep-weights", action="store_true",
                    help="copy the best checkpoints to OUT (rtmdet_<size>_<imgsz>.pt, yolo11n_<imgsz>.pt)")
+    p.add_argument("--task", choices=("detect", "segment"), default="detect",
+                   help="detect: RTMDet vs YOLO11n; segment: RTMDet-Ins vs YOLO11n-seg, scored by box and mask")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                    help="train nothing: one table from earlier peer_yolo.json files (runs split with --only)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -145,9 +155,14 @@ def split_variant(variant: str) -> tuple[str, dict[str, str]]:
     return size, ({"act": act} if act else {})
 
 
-def rtmdet_run_name(variant: str, imgsz: int) -> str:
-    """'nano-silu', 192 -> 'rtmdet_nano_silu_192' (work folder, result file and table row)."""
-    return f"rtmdet_{variant.replace('-', '_')}_{imgsz}"
+def rtmdet_run_name(variant: str, imgsz: int, task: str = "detect") -> str:
+    """'nano-silu', 192 -> 'rtmdet_nano_silu_192' (work folder, result file and table row);
+    the segment task: 'rtmdet_ins_tiny_320'."""
+    return f"rtmdet_{'ins_' if task == 'segment' else ''}{variant.replace('-', '_')}_{imgsz}"
+
+
+def yolo_run_name(imgsz: int, task: str = "detect") -> str:
+    return f"yolo11n_{'seg_' if task == 'segment' else ''}{imgsz}"
 
 
 def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -209,8 +224,8 @@ def install_ultralytics(wheels: Path, target: Path) -> Path:
 def run_one(args: argparse.Namespace, kind: str, size: str, imgsz: int, work: Path, out: Path,
             env: dict[str, str]) -> dict[str, Any]:
     """One (model, size) in a child process; its result dict, or one with 'error' when it failed."""
-    name = rtmdet_run_name(size, imgsz) if kind == "rtmdet" else f"yolo11n_{imgsz}"
-    spec = {"kind": kind, "size": size, "imgsz": imgsz, "data": str(args.data), "epochs": args.epochs,
+    name = rtmdet_run_name(size, imgsz, args.task) if kind == "rtmdet" else yolo_run_name(imgsz, args.task)
+    spec = {"kind": kind, "task": args.task, "size": size, "imgsz": imgsz, "data": str(args.data), "epochs": args.epochs,
             "batch": args.batch, "seed": args.seed, "workers": args.workers, "work": str(work / name),
             "result": str(work / f"{name}.json"), "overrides": args.rtmdet_overrides,
             "keep": str(out / f"{name}.pt") if args.keep_weights else None}
@@ -245,22 +260,27 @@ def merge(files: list[Path], out: Path) -> int:
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    return {"data": str(args.data), "epochs": args.epochs, "batch": args.batch, "seed": args.seed,
+    return {"task": args.task, "data": str(args.data), "epochs": args.epochs, "batch": args.batch, "seed": args.seed,
             "workers": args.workers, "pairs": [f"{s}:{i}" for s, i in args.pairs],
             "rtmdet_recipe": RTMDET_RECIPE, "rtmdet_overrides": args.rtmdet_overrides,
             "score_thr": SCORE_THR, "nms_iou": NMS_IOU, "max_dets": MAX_DETS}
 
 
 def pair_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """RTMDet / YOLO mAP and wall time at each image size where both finished."""
+    """RTMDet / YOLO mAP and wall time at each image size (and task) where both finished."""
     ok = [r for r in runs if "error" not in r]
     pairs = []
     for r in (r for r in ok if r["kind"] == "rtmdet"):
-        y = next((y for y in ok if y["kind"] == "yolo" and y["imgsz"] == r["imgsz"]), None)
+        y = next((y for y in ok if y["kind"] == "yolo" and y["imgsz"] == r["imgsz"]
+                  and y.get("task", "detect") == r.get("task", "detect")), None)
         if y is not None:
-            pairs.append({"rtmdet": r["name"], "yolo": y["name"],
-                          "mAP_ratio": _ratio(r["mAP"], y["mAP"]), "mAP50_ratio": _ratio(r["mAP50"], y["mAP50"]),
-                          "time_ratio": _ratio(r["wall_s"], y["wall_s"])})
+            pair = {"rtmdet": r["name"], "yolo": y["name"],
+                    "mAP_ratio": _ratio(r["mAP"], y["mAP"]), "mAP50_ratio": _ratio(r["mAP50"], y["mAP50"]),
+                    "time_ratio": _ratio(r["wall_s"], y["wall_s"])}
+            if "mask_mAP" in r and "mask_mAP" in y:
+                pair.update(mask_mAP_ratio=_ratio(r["mask_mAP"], y["mask_mAP"]),
+                            mask_mAP50_ratio=_ratio(r["mask_mAP50"], y["mask_mAP50"]))
+            pairs.append(pair)
     return pairs
 
 
@@ -270,20 +290,25 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def format_table(report: dict[str, Any]) -> str:
     s = report["settings"]
+    masks = any("mask_mAP" in r for r in report["runs"])
+    mask_head, mask_rule = ("mask mAP50-95 | mask mAP50 | ", "---|---|") if masks else ("", "")
     lines = [f"\n{s['epochs']} epochs, batch {s['batch']}, seed {s['seed']}, {s['workers']} workers; "
              f"valid scored by pycocotools at score {SCORE_THR}, NMS IoU {NMS_IOU}, {MAX_DETS} dets/img",
-             "| model | imgsz | mAP50-95 | mAP50 | mAP_small | wall s (train+val) | img/s | peak mem GiB | params M |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| model | imgsz | {mask_head}mAP50-95 | mAP50 | mAP_small | wall s (train+val) | img/s | peak mem GiB | params M |",
+             f"|---|---|{mask_rule}---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         if "error" in r:
             lines.append(f"| {r['name']} | {r['imgsz']} | failed: {r['error']} | | | | | | |")
             continue
-        lines.append(f"| {r['model']} | {r['imgsz']} | {_f(r['mAP'], 4)} | {_f(r['mAP50'], 4)} | "
+        mask_cells = f"{_f(r.get('mask_mAP'), 4)} | {_f(r.get('mask_mAP50'), 4)} | " if masks else ""
+        lines.append(f"| {r['model']} | {r['imgsz']} | {mask_cells}{_f(r['mAP'], 4)} | {_f(r['mAP50'], 4)} | "
                      f"{_f(r['mAP_small'], 4)} | {r['wall_s']:.0f} | {r['images_per_s']:.0f} | "
                      f"{_f(r['peak_mem_gib'], 2)} | {r['params'] / 1e6:.2f} |")
     for p in report["pairs"]:
-        lines.append(f"\n{p['rtmdet']} / {p['yolo']}: mAP {_x(p['mAP_ratio'])}, mAP50 {_x(p['mAP50_ratio'])}, "
-                     f"wall time {_x(p['time_ratio'])}")
+        mask = (f"mask mAP {_x(p['mask_mAP_ratio'])}, mask mAP50 {_x(p['mask_mAP50_ratio'])}, "
+                if "mask_mAP_ratio" in p else "")
+        lines.append(f"\n{p['rtmdet']} / {p['yolo']}: {mask}{'box ' if mask else ''}mAP {_x(p['mAP_ratio'])}, "
+                     f"{'box ' if mask else ''}mAP50 {_x(p['mAP50_ratio'])}, wall time {_x(p['time_ratio'])}")
     return "\n".join(lines)
 
 
@@ -357,18 +382,19 @@ def train_rtmdet(spec: dict[str, Any]) -> dict[str, Any]:
     train_p = parse_section("train", {**RTMDET_RECIPE, "epochs": spec["epochs"], "batch_size": spec["batch"],
                                       "seed": spec["seed"], "workers": spec["workers"], **over["train"]})
     size, variant = split_variant(spec["size"])
-    model_p = parse_section("model", {"size": size, "imgsz": spec["imgsz"], **variant, **over["model"]})
+    task = spec.get("task", "detect")
+    model_p = parse_section("model", {"size": size, "imgsz": spec["imgsz"], "task": task, **variant, **over["model"]})
     start = time.perf_counter()
     run = train_on_gpus(DataParams(root=spec["data"]), model_p, train_p, Path(spec["work"]) / "train", progress=False)
     wall = time.perf_counter() - start
     mem, reserved = _peak_mem()
-    dataset = load_dataset(spec["data"])
+    dataset = load_dataset(spec["data"], masks=task == "segment")
     result = score_rtmdet(run.best, dataset, spec["imgsz"], "cuda" if torch.cuda.is_available() else "cpu")
     if spec["keep"]:
         shutil.copy2(run.best, spec["keep"])
     n_train = len(dataset.splits["train"].records)
-    label = f"RTMDet-{size}" + (f" ({variant['act']})" if variant else "")
-    return {"name": rtmdet_run_name(spec["size"], spec["imgsz"]), "model": label,
+    label = f"RTMDet-{'Ins-' if task == 'segment' else ''}{size}" + (f" ({variant['act']})" if variant else "")
+    return {"name": rtmdet_run_name(spec["size"], spec["imgsz"], task), "model": label, "task": task,
             **result, "wall_s": wall, "images_per_s": spec["epochs"] * n_train / wall,
             "peak_mem_gib": mem, "peak_reserved_gib": reserved, "train_images": n_train,
             "best_epoch": run.best_epoch, "train_val_mAP": run.best_mAP,
@@ -381,15 +407,25 @@ def score_rtmdet(best: Path, dataset: Any, imgsz: int, device: str) -> dict[str,
     from rtmdet.inference import Detector
     from rtmdet.inference.backends import TorchBackend
     from rtmdet.inference.postprocess import PostprocessConfig
+    from rtmdet.inference.postprocess_ins import InsPostprocessConfig
     from rtmdet.models.checkpoint import class_names_of, load_model
 
-    model, ckpt = load_model(best, device)
+    model, ckpt = load_model(best, device, tasks=("detect", "segment"))
     params = sum(p.numel() for p in model.parameters())
-    post = PostprocessConfig(score_thr=SCORE_THR, iou_thr=NMS_IOU, max_per_img=MAX_DETS)
+    task = model.cfg.task
+    post = (InsPostprocessConfig if task == "segment" else PostprocessConfig)(
+        score_thr=SCORE_THR, iou_thr=NMS_IOU, max_per_img=MAX_DETS)
     detector = Detector(TorchBackend(model, device), class_names_of(ckpt, model.cfg.num_classes), imgsz,
-                        post, batch_size=32)
+                        post, batch_size=32, task=task)
     ev = evaluate_detector(detector, dataset.splits["valid"], dataset, batch_size=32, progress=False)
-    return {**ev.stats, "params": params, "eval_s": ev.seconds, "per_class": ev.per_class}
+    return {**ev.stats, **_mask_stats(ev), "params": params, "eval_s": ev.seconds, "per_class": ev.per_class}
+
+
+def _mask_stats(ev: Any) -> dict[str, Any]:
+    """The segm scores of an EvalResult as mask_<stat> (and mask_per_class); {} for box models."""
+    if ev.masks is None:
+        return {}
+    return {**{f"mask_{k}": v for k, v in ev.masks.stats.items()}, "mask_per_class": ev.masks.per_class}
 
 
 def train_yolo(spec: dict[str, Any]) -> dict[str, Any]:
@@ -399,9 +435,10 @@ def train_yolo(spec: dict[str, Any]) -> dict[str, Any]:
     from rtmdet.data.coco import load_dataset
 
     offline_ultralytics()
-    dataset = load_dataset(spec["data"])
-    data_yaml = write_yolo_dataset(dataset, Path(spec["work"]) / "data")
-    model = YOLO(YOLO_MODEL)
+    task = spec.get("task", "detect")
+    dataset = load_dataset(spec["data"], masks=task == "segment")
+    data_yaml = write_yolo_dataset(dataset, Path(spec["work"]) / "data", polygons=task == "segment")
+    model = YOLO(YOLO_MODELS[task])
     marks: dict[str, float] = {}
     model.add_callback("on_train_start", lambda t: marks.setdefault("start", time.perf_counter()))
     model.add_callback("on_fit_epoch_end", lambda t: marks.setdefault(f"epoch{t.epoch}", time.perf_counter()))
@@ -418,7 +455,8 @@ def train_yolo(spec: dict[str, Any]) -> dict[str, Any]:
         shutil.copy2(trainer.best, spec["keep"])
     n_train = len(dataset.splits["train"].records)
     last = marks.get(f"epoch{spec['epochs'] - 1}")
-    return {"name": f"yolo11n_{spec['imgsz']}", "model": "YOLO11n", **result, "wall_s": wall,
+    return {"name": yolo_run_name(spec["imgsz"], task), "model": "YOLO11n" + ("-seg" if task == "segment" else ""),
+            "task": task, **result, "wall_s": wall,
             "images_per_s": spec["epochs"] * n_train / wall, "peak_mem_gib": mem, "peak_reserved_gib": reserved,
             "train_images": n_train, "epochs_s": last - marks["start"] if last and "start" in marks else None,
             "ultralytics_val": own, "amp": bool(trainer.amp), "ultralytics": ultralytics.__version__}
@@ -439,9 +477,10 @@ def offline_ultralytics() -> None:
     data_utils.check_font = lambda *a, **k: None
 
 
-def write_yolo_dataset(dataset: Any, root: Path) -> Path:
+def write_yolo_dataset(dataset: Any, root: Path, polygons: bool = False) -> Path:
     """train and valid in ultralytics' layout (images/<split> links, labels/<split>/*.txt with class
-    cx cy w h normalized; class k is rtmdet's label k, i.e. dataset.category_ids[k]); the data yaml."""
+    cx cy w h normalized; class k is rtmdet's label k, i.e. dataset.category_ids[k]); the data yaml.
+    polygons (the segment task): each row is the class and the instance's polygon, normalized."""
     import yaml
 
     for split in ("train", "valid"):
@@ -452,16 +491,41 @@ def write_yolo_dataset(dataset: Any, root: Path) -> Path:
             stem = str(rec.image_id)  # unique within a split, unlike some exports' file names
             _link(rec.file, images / f"{stem}{rec.file.suffix.lower()}")
             rows = []
-            for (x1, y1, x2, y2), label in zip(rec.boxes.tolist(), rec.labels.tolist(), strict=True):
-                box = ((x1 + x2) / 2 / rec.width, (y1 + y2) / 2 / rec.height,
-                       (x2 - x1) / rec.width, (y2 - y1) / rec.height)
-                rows.append(f"{label} " + " ".join(f"{min(max(v, 0.0), 1.0):.6f}" for v in box))
+            for k, ((x1, y1, x2, y2), label) in enumerate(zip(rec.boxes.tolist(), rec.labels.tolist(), strict=True)):
+                if polygons:
+                    xy = yolo_polygon(rec.segmentations[k], rec.height, rec.width)
+                    values = (xy / [rec.width, rec.height]).reshape(-1).tolist()
+                else:
+                    values = [(x1 + x2) / 2 / rec.width, (y1 + y2) / 2 / rec.height,
+                              (x2 - x1) / rec.width, (y2 - y1) / rec.height]
+                rows.append(f"{label} " + " ".join(f"{min(max(v, 0.0), 1.0):.6f}" for v in values))
             (labels / f"{stem}.txt").write_text("".join(r + "\n" for r in rows))
     data = {"path": str(root), "train": "images/train", "val": "images/valid",
             "names": dict(enumerate(dataset.classes))}
     path = root / "data.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     return path
+
+
+def yolo_polygon(segm: Any, height: int, width: int) -> Any:
+    """One instance's outline as a single [N, 2] pixel polygon, which is all a YOLO label holds:
+    a single polygon as it is; several parts (or an RLE's outlines) joined into one by
+    ultralytics' merge_multi_segment, as its COCO converter does."""
+    import numpy as np
+
+    if isinstance(segm, dict):  # RLE: its outer contours, in pixels
+        import cv2
+
+        from rtmdet.data.masks import segmentation_to_mask
+
+        mask = segmentation_to_mask(segm, height, width)
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        segm = [c.reshape(-1).astype(np.float64).tolist() for c in contours if len(c) >= 3]
+    if len(segm) == 1:
+        return np.asarray(segm[0], np.float64).reshape(-1, 2)
+    from ultralytics.data.converter import merge_multi_segment
+
+    return np.concatenate(merge_multi_segment(segm), axis=0).astype(np.float64)
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -473,31 +537,41 @@ def _link(src: Path, dst: Path) -> None:
 
 def score_yolo(best: Path, dataset: Any, imgsz: int) -> dict[str, Any]:
     """YOLO's predictor on every valid image (rtmdet's reader, so both see the same pixels), scored
-    by the function evaluate_detector scores with."""
+    by the function evaluate_detector scores with. A seg model's masks come at the original image
+    size (retina_masks) and are scored as segm too."""
     import numpy as np
     from ultralytics import YOLO
 
+    from rtmdet.data.masks import masks_to_rles
     from rtmdet.evaluation.coco_eval import score_detections
     from rtmdet.imageio import read_image
     from rtmdet.inference.detections import Detections
 
     model = YOLO(str(best))
     params = sum(p.numel() for p in model.model.parameters())  # before predict() fuses BN in place
+    segment = model.task == "segment"
     records = dataset.splits["valid"].records
     dets: dict[int, Detections] = {}
     start = time.perf_counter()
     for i in range(0, len(records), 32):
         batch = records[i : i + 32]
         results = model.predict([read_image(r.file) for r in batch], imgsz=imgsz, conf=SCORE_THR, iou=NMS_IOU,
-                                max_det=MAX_DETS, verbose=False)
+                                max_det=MAX_DETS, verbose=False, retina_masks=segment)
         for rec, res in zip(batch, results, strict=True):
             b = res.boxes
+            masks = None
+            if segment:
+                hw = tuple(res.orig_shape)
+                data = (res.masks.data.cpu().numpy() > 0.5) if res.masks is not None else np.zeros((0, *hw), bool)
+                if data.shape[1:] != hw:
+                    raise RuntimeError(f"YOLO masks of {data.shape[1:]} for an image of {hw}")
+                masks = masks_to_rles(data)
             dets[int(rec.image_id)] = Detections(
                 b.xyxy.cpu().numpy().astype(np.float32), b.conf.cpu().numpy().astype(np.float32),
-                b.cls.cpu().numpy().astype(np.int64), list(dataset.classes), tuple(res.orig_shape))
+                b.cls.cpu().numpy().astype(np.int64), list(dataset.classes), tuple(res.orig_shape), masks)
     seconds = time.perf_counter() - start
     ev = score_detections(dets, dataset.splits["valid"], dataset)
-    return {**ev.stats, "params": params, "eval_s": seconds, "per_class": ev.per_class}
+    return {**ev.stats, **_mask_stats(ev), "params": params, "eval_s": seconds, "per_class": ev.per_class}
 
 
 if __name__ == "__main__":

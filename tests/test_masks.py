@@ -55,3 +55,19 @@ def test_problems_are_named_and_the_usable_part_kept():
 def test_unusable_fields_are_errors(segm, message):
     with pytest.raises(DataError, match=message):
         check_segmentation(segm, H, W)
+
+
+def test_rle_of_run_boundaries_equals_pycocotools_encode():
+    # The CUDA path of masks_to_rles codes runs from boundaries found on the device; here the same
+    # helpers on CPU tensors against pycocotools' encoder, with masks that start set and unset.
+    import torch
+
+    from rtmdet.data import masks as M
+
+    rng = np.random.default_rng(0)
+    for k, h, w in [(6, 7, 9), (40, 64, 96), (2, 1, 1)]:
+        m = rng.random((k, h, w)) > 0.6
+        m[0] = True
+        m[1] = False
+        assert M._rles_of_runs(*M._mask_runs(torch.from_numpy(m))) == M.masks_to_rles(m)
+    assert M.masks_to_rles(torch.zeros((0, 4, 4), dtype=torch.bool)) == []

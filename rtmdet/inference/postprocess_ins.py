@@ -82,7 +82,7 @@ def postprocess_ins_batch(outputs: tuple, strides: tuple[int, ...], canvas_hw: t
         boxes, scores, labels, masks = postprocess_ins_single(
             [c[i] for c in cls_scores], [b[i] for b in bbox_preds], [k[i] for k in kernels], mask_feat[i],
             strides, canvas_hw, tuple(scale_wh[i]), tuple(ori_hw[i]), cfg)
-        found.append((boxes, scores, labels, masks_to_rles(masks.cpu().numpy())))
+        found.append((boxes, scores, labels, masks_to_rles(masks)))
     return found
 
 
