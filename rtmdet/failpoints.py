@@ -20,6 +20,12 @@ ENV = "RTMDET_KILL_AT"
 _reached: Counter = Counter()  # per process: how often each point was reached
 
 
+def armed(name: str) -> bool:
+    """Whether RTMDET_KILL_AT names this point (a caller may finish pending writes before it)."""
+    spec = os.environ.get(ENV)
+    return bool(spec) and spec.partition("#")[0] == name
+
+
 def kill_point(name: str) -> None:
     """SIGKILL this process group when RTMDET_KILL_AT names this point (and its count is due)."""
     spec = os.environ.get(ENV)

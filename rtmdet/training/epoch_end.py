@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from rtmdet.failpoints import kill_point
-from rtmdet.models.checkpoint import save_atomic
+from rtmdet.failpoints import armed, kill_point
 from rtmdet.training import distributed as dist_utils
 from rtmdet.training import state as st
+from rtmdet.training.ckpt_writer import CheckpointWriter, host_copy
 from rtmdet.training.optim import optimizer_state, validation_due
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class EpochEndMixin:
         self.val_runs, self.val_last = 0, ""
         self.unreported: list[EpochReport] = []
         self.last_ckpt, self.last_write_s = time.monotonic(), 0.0  # when last.pt was last written, how long it took
+        self.writer = CheckpointWriter()  # checkpoints go to disk beside training (ckpt_writer.py)
+        self.best_saved = False
 
     def _validate(self) -> dict[str, Any]:
         """A whole validation, now (benchmarks/train_profile.py)."""
@@ -90,9 +92,13 @@ class EpochEndMixin:
             if report.score is None:
                 self._flush_reports()
             if finished or self._epoch_write_due():
-                if finished and not self.best_path.exists():  # no validation split: ship the final weights
+                # No validation split: ship the final weights (best.pt may be queued, or on disk from
+                # before a resume).
+                if finished and not (self.best_saved or self.best_path.exists()):
                     self._save_best(self._best_checkpoint(epoch))
                 self._save_last(epoch + 1, 0, finished=finished)
+            if armed("train:epoch"):
+                self.writer.wait()  # the kill comes after the checkpoint is on disk
             kill_point("train:epoch")
         self.batch = 0
         start = time.perf_counter()
@@ -168,9 +174,17 @@ class EpochEndMixin:
         return ckpt
 
     def _save_best(self, ckpt: dict[str, Any]) -> None:
+        """ckpt: _best_checkpoint's (its tensors already copies on the host)."""
         start = time.perf_counter()
         ckpt["meta"]["mAP"] = self.best_map
-        save_atomic(ckpt, self.best_path)
+        self.writer.write(ckpt, self.best_path)
+        self.best_saved = True
+        self.clock["checkpoints"] += time.perf_counter() - start
+
+    def _wait_checkpoints(self) -> None:
+        """Every checkpoint written (the end of training: the run's result names the files)."""
+        start = time.perf_counter()
+        self.writer.wait()
         self.clock["checkpoints"] += time.perf_counter() - start
 
     def _epoch_write_due(self) -> bool:
@@ -199,7 +213,10 @@ class EpochEndMixin:
         }
         ckpt = st.make_checkpoint(self._weights(), self.dataset, self.params, epoch=epoch,
                                   iteration=self.global_iter, mAP=self.best_map, train_state=ts)
-        save_atomic(ckpt, self.last_path)
-        self.last_write_s = time.perf_counter() - start
-        self.clock["checkpoints"] += self.last_write_s
+        self.writer.write(host_copy(ckpt), self.last_path)
+        spent = time.perf_counter() - start
+        # What a write costs the run: the snapshot here, or the background write if that is longer
+        # (it competes for the host's cores and disk).
+        self.last_write_s = max(spent, self.writer.seconds.get(self.last_path, 0.0))
+        self.clock["checkpoints"] += spent
         self.last_ckpt = time.monotonic()

@@ -25,7 +25,7 @@ from rtmdet.data.loader import TrainBatchSampler, TrainDataset, build_dataloader
 from rtmdet.data.pipeline import PipelineConfig
 from rtmdet.data.records import DetectionDataset
 from rtmdet.errors import ConfigError
-from rtmdet.failpoints import kill_point
+from rtmdet.failpoints import armed, kill_point
 from rtmdet.fileio import remove_stale_temporaries
 from rtmdet.training import distributed as dist_utils
 from rtmdet.training import state as st
@@ -239,6 +239,7 @@ class _Run(StepMixin, EpochEndMixin):
             for epoch in range(first, self.p.epochs):
                 self._train_epoch(epoch)
                 self._end_epoch(epoch)
+            self._wait_checkpoints()
             if self.info.is_main and self.p.epochs > first:
                 c, total = self.clock, time.perf_counter() - started
                 log.info("finished in %.1f s: setup %.1f s, epochs %.1f s, between epochs %.1f s (validation %.1f s in "
@@ -257,6 +258,8 @@ class _Run(StepMixin, EpochEndMixin):
         self.loader.close()
         if self.validator is not None:
             self.validator.close()
+        if getattr(self, "writer", None) is not None:
+            self.writer.close(quiet=True)  # after a failure too: the last good checkpoints still reach the disk
         if self.graphs is not None:
             self.graphs.close()
 
@@ -282,6 +285,8 @@ class _Run(StepMixin, EpochEndMixin):
                 if k == skip and epoch == self.first_epoch and self.info.is_main:
                     log.info("first batch %.1f s after the loader started", time.perf_counter() - self.loader_started)
                 self._step(batch)
+                if armed("train:step"):
+                    self.writer.wait()
                 kill_point("train:step")
                 self.global_iter += 1
                 self.pending += 1
