@@ -52,7 +52,9 @@ def test_a_failing_compiler_trains_eagerly_with_one_warning(tmp_path: Path, monk
     eager = train(*args, TrainParams(**params, compile=False), tmp_path / "eager", progress=False)
     monkeypatch.setattr(trainer_mod.torch, "compile", broken_compile)
     with caplog.at_level(logging.WARNING):
-        fallback = train(*args, TrainParams(**params, compile=True), tmp_path / "fallback", progress=False)
+        # compile_mode default: the model alone through inductor (a graph mode on the CPU trains eagerly)
+        fallback = train(*args, TrainParams(**params, compile=True, compile_mode="default"), tmp_path / "fallback",
+                         progress=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["torch.compile failed (inductor: no C++ compiler found); training without it "
                         "(train.compile: false skips it)"]

@@ -52,13 +52,15 @@ class StepMixin:
             self.graphs = StepGraphs(self._graph_body, self.optimizer, self.device, agree=agree)
             self.criterion.phase = self.phase.off  # never a synchronizing timer inside a capture
         elif mode in GRAPH_MODES:
-            if self.info.distributed:  # unmeasured: torch.compile under DDP
-                if self.info.is_main:
-                    log.info("train.compile_mode %s: %s; training eagerly", mode, self.graph_blocker)
-                self.compiled = False
-                return
-            log.info("train.compile_mode %s: %s; compiling the model alone (inductor)", mode, self.graph_blocker)
-            mode = "default"
+            # A step that cannot be graphed trains eagerly: compiling the model alone did not pay.
+            # RTMDet-Ins-tiny, animals_seg at 320, 100 epochs, one H200 (benchmarks/peer_yolo.py
+            # --task segment): inductor 339 s (98 s of it compiling in epoch 1), eager 212 s;
+            # torch.compile's cudagraphs backend 162 s, but its one run scored 0.287 mask mAP
+            # against 0.335-0.361 for the others, unexplained, so it is not the default.
+            if self.info.is_main:
+                log.info("train.compile_mode %s: %s; training eagerly", mode, self.graph_blocker)
+            self.compiled = False
+            return
         self.model_fn = compile_model(self.eager, mode)
 
     def _loss_sums(self, images: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
