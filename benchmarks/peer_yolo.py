@@ -328,7 +328,10 @@ def run_child(spec: dict[str, Any]) -> int:
     work = Path(spec["work"])
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # anything a library writes next to itself lands in scratch
-    if torch.cuda.is_available():
+    ranks = {**RTMDET_RECIPE, **spec["overrides"]["train"]}.get("gpus") if spec["kind"] == "rtmdet" else 1
+    # Several ranks: this process only launches them, and asking CUDA anything here would make
+    # them start as spawned interpreters instead of forks (rtmdet.training.launch).
+    if ranks == 1 and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = train_rtmdet(spec) if spec["kind"] == "rtmdet" else train_yolo(spec)
     result.update(kind=spec["kind"], size=spec["size"], imgsz=spec["imgsz"], epochs=spec["epochs"],
@@ -387,7 +390,7 @@ def train_rtmdet(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     run = train_on_gpus(DataParams(root=spec["data"]), model_p, train_p, Path(spec["work"]) / "train", progress=False)
     wall = time.perf_counter() - start
-    mem, reserved = _peak_mem()
+    mem, reserved = _peak_mem() if train_p.gpus == 1 else (None, None)  # the ranks' own memory is not seen here
     dataset = load_dataset(spec["data"], masks=task == "segment")
     result = score_rtmdet(run.best, dataset, spec["imgsz"], "cuda" if torch.cuda.is_available() else "cpu")
     if spec["keep"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -34,8 +35,9 @@ def launched() -> bool:
 
 def resolve_gpus(setting: int | str, device: str) -> int:
     """How many ranks to start: auto = every visible CUDA GPU (1 when there is none or
-    train.device is cpu); an explicit count must exist on this machine."""
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    train.device is cpu); an explicit count must exist on this machine. Counted through NVML,
+    which leaves this process free to fork the ranks (rank_start_method)."""
+    visible = torch.cuda.device_count()
     if setting == "auto":
         return max(visible, 1) if device in ("auto", "cuda") else 1
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
@@ -48,6 +50,31 @@ def resolve_gpus(setting: int | str, device: str) -> int:
     return setting
 
 
+def rank_start_method() -> str:
+    """fork on Linux while this process has not touched CUDA (the ranks start in 0.3 s instead
+    of ~2.5 s each importing torch again as a spawned interpreter does), else spawn, which CUDA
+    needs once the parent has initialized it. RTMDET_RANK_START=spawn|fork overrides."""
+    chosen = os.environ.get("RTMDET_RANK_START", "")
+    if chosen in ("spawn", "fork"):
+        return chosen
+    if chosen:
+        raise ConfigError(f"RTMDET_RANK_START={chosen!r}: use spawn or fork")
+    if not sys.platform.startswith("linux") or torch.cuda.is_initialized() or _fork_poisoned():
+        return "spawn"
+    return "fork"
+
+
+def _fork_poisoned() -> bool:
+    """Whether a child forked now would find CUDA unusable: torch marks forks bad once the CUDA
+    runtime was asked anything (cudaGetDeviceCount included), which torch.cuda.is_initialized
+    does not show. Asked of a child that exits at once."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(1 if torch.cuda._is_in_bad_fork() else 0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) != 0
+
+
 def train_on_gpus(data: DataParams, model: ModelParams, train: TrainParams, out_dir: Path, *,
                   dataset: DetectionDataset | None = None, live_dir: Path | None = None,
                   progress: bool = True) -> TrainResult:
@@ -58,10 +85,11 @@ def train_on_gpus(data: DataParams, model: ModelParams, train: TrainParams, out_
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    log.info("starting %d ranks, one per GPU (train.gpus %s)", ranks, train.gpus)
+    method = rank_start_method()
+    log.info("starting %d ranks, one per GPU (train.gpus %s; %s)", ranks, train.gpus, method)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=f"rtmdet-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=1.0,
-                          start_method="spawn")
+                          start_method=method)
     try:
         results = elastic_launch(config, _rank)(data, model, train, Path(out_dir), dataset, live_dir, progress)
     except ChildFailedError as exc:
@@ -100,5 +128,10 @@ def _rank(data: DataParams, model: ModelParams, train: TrainParams, out_dir: Pat
           dataset: DetectionDataset | None, live_dir: Path | None, progress: bool) -> TrainResult:
     """One rank: logging as the parent had it (rank 0 talks, the others warn), then train."""
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s: %(message)s")
+    level = logging.INFO if rank == 0 else logging.WARNING
+    root = logging.getLogger()
+    if root.handlers:  # forked: the parent's handlers, at this rank's level
+        root.setLevel(min(root.level, level) if rank == 0 else level)
+    else:  # spawned: a fresh interpreter
+        logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
     return train_run(data, model, train, out_dir, dataset=dataset, live_dir=live_dir, progress=progress and rank == 0)
