@@ -271,6 +271,8 @@ def test_qat_fine_tunes_a_segment_model_with_its_mask_loss(trained: tuple, shape
     finally:
         losses_ins.RTMDetInsLoss.step_sums = real
     assert len(seen) >= 2 and np.isfinite(tuned.history[0]["loss"])  # the Ins loss at every step
+    h = tuned.history[0]  # the total is its three terms, the mask's reported too
+    assert h["loss"] == pytest.approx(h["loss_cls"] + h["loss_bbox"] + h["loss_mask"], rel=1e-4)
     metrics = evaluate_model(qmodel, dataset, torch.device("cpu"), batch_size=4)
     assert "mask_mAP" in metrics  # fake-quant masks scored too
     # What the int8 export converts, and qat.pt's round trip: RTMDet-Ins's reg_convs are its
@@ -304,3 +306,36 @@ def test_predict_draws_and_writes_the_masks_of_a_segment_model(trained: tuple, s
     assert rows and all(r["segmentation"]["size"] == [h, w] for r in rows)
     assert rle_to_mask(rows[0]["segmentation"]).shape == (h, w)
     assert (out / image.with_suffix(".jpg").name).is_file()
+
+
+@pytest.mark.slow
+def test_tflite_of_a_segment_model_scales_its_kernels_and_its_sidecar_scales_them_back(trained: tuple, shapes: Path,
+                                                                                tmp_path: Path):
+    pytest.importorskip("onnx2tf")
+    from rtmdet.data.coco import load_dataset
+    from rtmdet.export.backends import detector_from_export
+    from rtmdet.export.command import export_checkpoint
+    from rtmdet.export.sidecar import read_meta
+
+    result, _ = trained
+    dataset = load_dataset(shapes, masks=True)
+    paths = export_checkpoint(result.last, "tflite", ["fp32", "int8"], data=dataset, calib_images=8, out=tmp_path)
+    for path in paths:  # every file of the run holds scaled kernels, its sidecar the scales
+        scale = read_meta(path).kernel_scale
+        assert [len(s) for s in scale] == [169] * 3 and min(min(s) for s in scale) > 0
+    # The fp32 file's kernels, their scales multiplied back (the backend's level maps), are the
+    # model's own: per level, max difference over max value (a short-trained model's masks are
+    # empty, so its raw maps are what can be compared).
+    from rtmdet.export.tflite import load_calibration
+    from rtmdet.inference.preprocess import to_chw_tensor
+    from rtmdet.models.checkpoint import load_model
+
+    fp32 = next(p for p in paths if "fp32" in p.name)
+    images, _ = load_calibration([r.file for r in dataset.splits["valid"].records[:2]], 64)
+    file_maps = detector_from_export(fp32).backend(to_chw_tensor(list(images.astype(np.uint8))))
+    model, _ = load_model(result.last, tasks=("segment",))
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        ours = model(model.normalize(x))
+    for got, want in zip(file_maps[2], ours[2]):
+        assert (got - want).abs().max() / want.abs().max() < 1e-3

@@ -18,6 +18,7 @@ import torch
 
 from rtmdet.errors import first_line
 from rtmdet.export import ExportError
+from rtmdet.export.kernel_scale import apply_kernel_scale
 from rtmdet.export.sidecar import ExportMeta, meta_path, read_meta
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ def to_level_maps(outs: dict[str, np.ndarray], meta: ExportMeta) -> tuple:
             dest.append(out.reshape(n, side, side, c).permute(0, 3, 1, 2) * scale)
     if not meta.kernel_outputs:
         return cls_maps, reg_maps
-    kernels = [_nchw(outs[name], meta.image_size // stride, name) for stride, name in
-               zip(meta.strides, meta.kernel_outputs)]
+    kernels = apply_kernel_scale([_nchw(outs[name], meta.image_size // stride, name) for stride, name in
+                                  zip(meta.strides, meta.kernel_outputs)], meta.kernel_scale)
     return cls_maps, reg_maps, kernels, _nchw(outs[meta.mask_output], meta.image_size // min(meta.strides),
                                               meta.mask_output)
 

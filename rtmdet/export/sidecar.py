@@ -10,12 +10,15 @@ an unchanged export is byte-identical (DVC caches it).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from rtmdet.export import ExportError
 from rtmdet.fileio import write_atomic
+
+KERNEL_PARAMS = 169  # dynamic-conv parameters per cell (rtmdet.models.head_ins.NUM_GEN_PARAMS)
 
 SCHEMA = 1
 INPUT_NAME = "images"
@@ -36,7 +39,9 @@ CONVENTIONS = {
     "masks": "segment models only (kernel_outputs, mask_output): per level 169 dynamic-conv "
              "parameters per cell, and the mask features (8 channels at stride 8); a kept "
              "detection's mask = three 1x1 convs (10 -> 8 -> 8 -> 1, ReLU between) over [(cell point "
-             "- pixel point) / (8 x its stride), features], as rtmdet.models.head_ins.dynamic_mask_logits",
+             "- pixel point) / (8 x its stride), features], as rtmdet.models.head_ins.dynamic_mask_logits; "
+             "when kernel_scale is given, multiply each level's kernel channel c by kernel_scale[level][c] "
+             "first",
     "quantization": "int8/uint8 tensors: real = (q - zero_point) * scale; to feed a float x: "
                     "q = clip(round(x / scale) + zero_point)",
 }
@@ -70,11 +75,14 @@ class ExportMeta:
     rtmdet_version: str = ""
     kernel_outputs: list[str] = field(default_factory=list)  # segment models: one per stride
     mask_output: str | None = None  # segment models: the mask features
+    # segment models, TFLite files made with calibration images: per level, each kernel channel's
+    # scale (the file's kernel outputs x this = the model's); null = unscaled (export/kernel_scale.py)
+    kernel_scale: list[list[float]] | None = None
 
     def to_json(self) -> str:
         d = {"rtmdet_export": SCHEMA, **asdict(self), "conventions": CONVENTIONS}
         if not self.kernel_outputs:  # a box model's sidecar stays as it was
-            del d["kernel_outputs"], d["mask_output"]
+            del d["kernel_outputs"], d["mask_output"], d["kernel_scale"]
             d["conventions"] = {k: v for k, v in CONVENTIONS.items() if k != "masks"}
         return json.dumps(d, indent=2) + "\n"
 
@@ -139,12 +147,22 @@ def _check_fields(path: Path, meta: ExportMeta) -> None:
          f"empty, or one output name per stride ({levels} in strides)"),
         ("mask_output", (meta.mask_output is None) == (meta.kernel_outputs == []),
          "a tensor name exactly when kernel_outputs are given"),
+        ("kernel_scale", meta.kernel_scale is None or (
+            meta.kernel_outputs != [] and _scales(meta.kernel_scale, levels, KERNEL_PARAMS)),
+         f"null, or (segment models) {levels} lists of {KERNEL_PARAMS} positive numbers"),
     )
     for key, ok, expected in checks:
         if not ok:
             got = repr(getattr(meta, key))
             got = got if len(got) <= 60 else got[:57] + "..."
             raise ExportError(f"{path}: sidecar field {key} must be {expected}, got {got}")
+
+
+def _scales(value: Any, levels: int, per_level: int) -> bool:
+    return (isinstance(value, list) and len(value) == levels and all(
+        isinstance(v, list) and len(v) == per_level and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v)
+        for v in value))
 
 
 def _names(value: Any, count: int | None = None) -> bool:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 import numpy as np
 
 from rtmdet.export import ExportError
+from rtmdet.export.kernel_scale import scaled_kernel_model
 from rtmdet.export.onnx import _check_size, base_meta, onnx_model_bytes, torch_reference
 from rtmdet.export.sidecar import INPUT_NAME, ExportMeta, write_atomic, write_meta
 
@@ -106,6 +107,11 @@ def export_tflite(model: "RTMDet", out_dir: str | Path, precisions: Sequence[str
     """
     precisions = _check_args(model, precisions, calibration, int8_io)
     onnx2tf = _require_onnx2tf()
+    kernel_scale = None
+    if model.cfg.task == "segment" and calibration is not None:
+        # The files of this run hold per-channel scaled kernel outputs (export/kernel_scale.py);
+        # the model compared with them below is the scaled one, the sidecar has the scales.
+        model, kernel_scale = scaled_kernel_model(model, calibration)
     # onnx2tf is given the head's NCHW maps, which it turns into NHWC outputs with no op at all:
     # flattening in the graph made it emit wrong values (see _flatten's note).
     data = onnx_model_bytes(model, batch=1, layout="maps")
@@ -121,6 +127,7 @@ def export_tflite(model: "RTMDet", out_dir: str | Path, precisions: Sequence[str
                 raise ExportError(f"onnx2tf did not write the {precision} file {src.name}; run with -v for its log")
             fixed, diffs = fix_outputs(src.read_bytes(), model, sample, RTOL[precision])
             meta = _meta(model, precision, int8_io, fixed, classes, category_ids, source, calib_files)
+            meta.kernel_scale = kernel_scale
             suffix = precision if precision != "int8" or int8_io == "float" else f"int8_{int8_io}io"
             path = Path(out_dir) / f"{stem}_{suffix}.tflite"
             write_atomic(path, fixed)

@@ -94,7 +94,7 @@ def finetune(model: QATDetector, dataset: DetectionDataset, qat: QATParams, trai
                 frozen = model.ranges()
         set_epoch(loader, epoch, stage=2)
         model.train()
-        sums = torch.zeros(3, device=device)
+        sums = torch.zeros(4 if task.masks else 3, device=device)
         bar = tqdm(loader, total=iters, desc=f"qat {epoch + 1}/{qat.epochs}", unit="it", leave=False,
                    disable=not progress, dynamic_ncols=True)
         epoch_start = time.perf_counter()
@@ -107,10 +107,11 @@ def finetune(model: QATDetector, dataset: DetectionDataset, qat: QATParams, trai
         if not all(math.isfinite(v) for v in means):
             raise QATError(f"QAT epoch {epoch + 1}: the loss became NaN/inf ({means[0]}); try a lower qat.lr")
         # No wall times in the history: it goes into qat.pt, which should be byte-reproducible.
+        mask = {"loss_mask": means[3]} if task.masks else {}
         result.history.append({"epoch": epoch + 1, "loss": means[0], "loss_cls": means[1], "loss_bbox": means[2],
-                               "lr": optimizer.param_groups[0]["lr"]})
-        log.info("QAT epoch %d/%d  loss %.4f (cls %.4f, bbox %.4f)  %.1fs", epoch + 1, qat.epochs, *means,
-                 time.perf_counter() - epoch_start)
+                               **mask, "lr": optimizer.param_groups[0]["lr"]})
+        log.info("QAT epoch %d/%d  loss %.4f (cls %.4f, bbox %.4f%s)  %.1fs", epoch + 1, qat.epochs, *means[:3],
+                 f", mask {means[3]:.4f}" if mask else "", time.perf_counter() - epoch_start)
     if train.channels_last:  # back to the default layout: evaluation and qat.pt then match bit for bit
         model.to(memory_format=torch.contiguous_format)
     calibrate(model, calibration)  # the converter's ranges for the final weights
@@ -131,7 +132,8 @@ def _step(model: QATDetector, batch: dict[str, Any], criterion: RTMDetLoss, targ
     losses["loss"].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return torch.stack([losses["loss"], losses["loss_cls"], losses["loss_bbox"]]).detach()
+    names = ("loss", "loss_cls", "loss_bbox", "loss_mask")  # loss_mask: the segment task's Dice term
+    return torch.stack([losses[k] for k in names if k in losses]).detach()
 
 
 def _range_shift(before: dict[str, list[float]], after: dict[str, list[float]]) -> tuple[float, str]:
