@@ -329,8 +329,8 @@ def run_child(spec: dict[str, Any]) -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # anything a library writes next to itself lands in scratch
     ranks = {**RTMDET_RECIPE, **spec["overrides"]["train"]}.get("gpus") if spec["kind"] == "rtmdet" else 1
-    # Several ranks: this process only launches them, and asking CUDA anything here would make
-    # them start as spawned interpreters instead of forks (rtmdet.training.launch).
+    # Several ranks: this process only launches them; asking CUDA anything here would rule out
+    # forking them (RTMDET_RANK_START=fork, rtmdet.training.launch).
     if ranks == 1 and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = train_rtmdet(spec) if spec["kind"] == "rtmdet" else train_yolo(spec)

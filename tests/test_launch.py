@@ -75,15 +75,13 @@ def test_two_nodes_train_one_run_over_localhost(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("start", ["fork", "spawn"])
-def test_the_stage_launcher_starts_the_ranks_itself(tmp_path, monkeypatch, start):
+def test_the_stage_launcher_starts_the_ranks_itself(tmp_path, monkeypatch):
     # train_on_gpus's own path (elastic_launch, as for train.gpus: 2 on a GPU machine), with two
-    # CPU ranks on gloo standing in for the GPUs this machine lacks; forked (the default where
-    # CUDA was not asked anything yet) and spawned.
+    # CPU ranks on gloo standing in for the GPUs this machine lacks.
     from rtmdet.config import DataParams, ModelParams, TrainParams
     from rtmdet.training import launch
 
-    monkeypatch.setenv("RTMDET_RANK_START", start)
+    monkeypatch.delenv("RTMDET_RANK_START", raising=False)
 
     monkeypatch.setattr(launch, "resolve_gpus", lambda setting, device: 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -96,20 +94,21 @@ def test_the_stage_launcher_starts_the_ranks_itself(tmp_path, monkeypatch, start
     assert read_checkpoint(result.last)["train_state"]["world_size"] == 2
 
 
-def test_ranks_fork_until_cuda_was_asked_anything(monkeypatch):
+def test_ranks_spawn_unless_fork_is_asked_for_and_safe(monkeypatch):
     from rtmdet.training import launch
 
-    def method(prelude: str) -> str:  # a fresh process: pytest's own has asked CUDA already
+    def method(prelude: str, start: str | None) -> str:  # a fresh process: pytest's own has asked CUDA already
         code = f"{prelude}; from rtmdet.training import launch; print(launch.rank_start_method())"
         env = {k: v for k, v in os.environ.items() if k != "RTMDET_RANK_START"}
+        if start:
+            env["RTMDET_RANK_START"] = start
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                               check=True).stdout.strip()
 
-    assert method("import torch") == "fork"
+    assert method("import torch", None) == "spawn"
+    assert method("import torch", "fork") == "fork"
     if torch.backends.cuda.is_built():  # asking the CUDA runtime marks forks bad (torch's own flag)
-        assert method("import torch; torch.cuda.is_available()") == "spawn"
-    monkeypatch.setenv("RTMDET_RANK_START", "fork")
-    assert launch.rank_start_method() == "fork"
+        assert method("import torch; torch.cuda.is_available()", "fork") == "spawn"
     monkeypatch.setenv("RTMDET_RANK_START", "forkserver")
     with pytest.raises(ConfigError, match="RTMDET_RANK_START"):
         launch.rank_start_method()
