@@ -94,9 +94,9 @@ def masks_to_rles(masks: Any) -> list[dict[str, Any]]:
     bytes: 100 masks of a 512 x 512 image are 26 MB), then compressed by pycocotools."""
     if len(masks) == 0:
         return []
-    if not isinstance(masks, np.ndarray) and getattr(masks, "is_cuda", False):
-        return _rles_of_runs(*_mask_runs(masks))
-    if not isinstance(masks, np.ndarray):
+    if not isinstance(masks, np.ndarray):  # a torch tensor
+        if masks.is_cuda:
+            return _rles_of_runs(*_mask_runs(masks))
         masks = masks.cpu().numpy()
     encoded = mask_utils.encode(np.asfortranarray(np.asarray(masks, np.uint8).transpose(1, 2, 0)))
     return [{"size": [int(v) for v in e["size"]], "counts": e["counts"].decode("ascii")} for e in encoded]

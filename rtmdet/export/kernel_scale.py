@@ -44,10 +44,7 @@ def scaled_kernel_model(model: "RTMDet", images_nhwc: np.ndarray) -> tuple["RTMD
     """A copy of `model` whose kernel outputs are divided per channel by their calibration max,
     and those scales per level (what the post-process multiplies back). Channels that never
     leave zero keep scale 1."""
-    scales = []
-    for peak in kernel_channel_max(model, images_nhwc):
-        s = torch.where(peak > 0, peak, torch.ones_like(peak)).to(torch.float32)
-        scales.append(s)
+    scales = [torch.where(peak > 0, peak, torch.ones_like(peak)) for peak in kernel_channel_max(model, images_nhwc)]
     scaled = copy.deepcopy(model)
     with torch.no_grad():
         for conv, s in zip(scaled.bbox_head.rtm_kernel, scales):
