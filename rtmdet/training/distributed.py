@@ -127,12 +127,17 @@ def broadcast_module(module: torch.nn.Module, info: DistInfo) -> None:
                 dist.broadcast(t, src=0)
 
 
+def host_group(info: DistInfo) -> dist.ProcessGroup | None:
+    """A gloo group of every rank, for host objects (None in a single process; every rank must call it)."""
+    return dist.new_group(backend="gloo") if info.distributed else None
+
+
 class HostMax:
     """The largest of an integer over every rank, through a CPU (gloo) group: agreement on a step's
     shape without a CUDA sync. Every rank must create it, and call it at the same steps."""
 
     def __init__(self, info: DistInfo):
-        self.group = dist.new_group(backend="gloo") if info.distributed else None
+        self.group = host_group(info)
 
     def __call__(self, value: int) -> int:
         if self.group is None:

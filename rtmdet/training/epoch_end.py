@@ -85,8 +85,9 @@ class EpochEndMixin:
         report = EpochReport(epoch, metrics, means, self.epoch_seconds, self.epoch_images, self.lr_now)
         if self.info.is_main:
             self._flush_reports()  # the previous epoch's score: it had this whole epoch to finish
-            if self.validator is not None and validation_due(self.p, epoch):
-                self._submit_validation(report)
+        if self.validator is not None and validation_due(self.p, epoch):
+            self._submit_validation(report)  # every rank infers its share; rank 0 scores
+        if self.info.is_main:
             self.unreported.append(report)
             finished = epoch + 1 == self.p.epochs
             if report.score is None:
@@ -108,7 +109,10 @@ class EpochEndMixin:
     def _submit_validation(self, report: EpochReport) -> None:
         start = time.perf_counter()
         with self.phase("validate"):
-            report.best = self._best_checkpoint(report.epoch)  # a copy: training goes on changing the weights
+            if self.info.is_main:
+                report.best = self._best_checkpoint(report.epoch)  # a copy: training goes on changing the weights
+            # The other ranks validate rank 0's weights: their BN statistics (and EMA of them) are their own.
+            dist_utils.broadcast_module(self._weights(), self.info)
             report.score = self.validator.submit(self._weights())
         report.inference_s = time.perf_counter() - start
         report.extra = dict(self.validator.seconds)

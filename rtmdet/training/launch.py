@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -92,13 +93,19 @@ def train_on_gpus(data: DataParams, model: ModelParams, train: TrainParams, out_
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=ranks, run_id=f"rtmdet-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=1.0,
                           start_method=method)
+    start = time.time()
     try:
         results = elastic_launch(config, _rank)(data, model, train, Path(out_dir), dataset, live_dir, progress)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         reason = (failure.message or f"exit code {failure.exitcode}").strip().splitlines()[-1][:300]
         raise TrainingError(f"rank {rank} of {ranks} failed: {reason}") from None
-    return results[0]
+    result, entered, left = results[0]
+    # What several GPUs cost beside training: starting the ranks (processes, imports) and ending
+    # them (the rank's teardown, the launcher noticing).
+    log.info("ranks: %.1f s to start, %.1f s in rank 0's training, %.1f s to end", entered - start, left - entered,
+             time.time() - left)
+    return result
 
 
 def train_with_teacher(data: DataParams, model: ModelParams, train: TrainParams, out_dir: Path, teacher_dir: Path,
@@ -127,8 +134,11 @@ def train_with_teacher(data: DataParams, model: ModelParams, train: TrainParams,
 
 @record
 def _rank(data: DataParams, model: ModelParams, train: TrainParams, out_dir: Path,
-          dataset: DetectionDataset | None, live_dir: Path | None, progress: bool) -> TrainResult:
-    """One rank: logging as the parent had it (rank 0 talks, the others warn), then train."""
+          dataset: DetectionDataset | None, live_dir: Path | None,
+          progress: bool) -> tuple[TrainResult, float, float]:
+    """One rank: logging as the parent had it (rank 0 talks, the others warn), then train. Returns
+    the result and when training began and ended (time.time())."""
+    entered = time.time()
     rank = int(os.environ.get("RANK", "0"))
     level = logging.INFO if rank == 0 else logging.WARNING
     root = logging.getLogger()
@@ -136,4 +146,5 @@ def _rank(data: DataParams, model: ModelParams, train: TrainParams, out_dir: Pat
         root.setLevel(min(root.level, level) if rank == 0 else level)
     else:  # spawned: a fresh interpreter
         logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
-    return train_run(data, model, train, out_dir, dataset=dataset, live_dir=live_dir, progress=progress and rank == 0)
+    result = train_run(data, model, train, out_dir, dataset=dataset, live_dir=live_dir, progress=progress and rank == 0)
+    return result, entered, time.time()

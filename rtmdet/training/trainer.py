@@ -182,9 +182,12 @@ class _Run(StepMixin, EpochEndMixin):
                                        rank=self.info.rank, world_size=self.info.world_size)
         valid = self.dataset.splits.get("valid")
         self.validator = None
-        if self.info.is_main and valid is not None and valid.records:
+        if valid is not None and valid.records:  # every rank validates its share of the split
+            info = self.info
+            group = dist_utils.host_group(info)  # the detections go to rank 0 over it
             self.validator = Validator(valid, self.dataset, s, self.device, batch_size=min(2 * p.batch_size, 64),
-                                       workers=min(p.workers, 4), background=True, masks=self.task.masks)
+                                       workers=min(p.workers, 4), background=True, masks=self.task.masks,
+                                       rank=info.rank, world_size=info.world_size, group=group)
         sampler = self.loader.batch_sampler
         assert isinstance(sampler, TrainBatchSampler)
         self.iters_per_epoch = sampler.batches_per_epoch()

@@ -9,6 +9,10 @@ scoring: the numbers `rtmdet evaluate` gives for the same weights.
 The trainer uses `submit`: the GPU part runs at once, the scoring (COCOeval on the CPU, as long
 as the inference or longer) in a process of its own (rtmdet.evaluation.score_process) while the
 next epoch trains.
+
+With several ranks each one infers its share of the split (every world_size-th image) and rank 0
+gathers the detections (over a CPU group) and scores them all: a validation takes 1/world_size of
+the time instead of the others waiting for rank 0.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from rtmdet.data.loader import ValDataset, build_dataloader
@@ -37,24 +42,32 @@ class Validator:
 
     def __init__(self, split: DetectionSplit, dataset: DetectionDataset, imgsz: int, device: torch.device,
                  batch_size: int = 32, workers: int = 2, cache_bytes: int = CACHE_BYTES,
-                 postprocess: PostprocessConfig | None = None, background: bool = False, masks: bool = False):
+                 postprocess: PostprocessConfig | None = None, background: bool = False, masks: bool = False,
+                 rank: int = 0, world_size: int = 1, group: Any = None):
         """background: start the scoring process now, for `submit` (training); else scoring runs
         in this process. masks: the segment task (an RTMDet-Ins model; the split read with its
-        masks): its masks are scored too (segm), with RTMDet-Ins's post-process."""
+        masks): its masks are scored too (segm), with RTMDet-Ins's post-process. rank, world_size,
+        group: one of several ranks that validate together (every rank builds one; `group` a gloo
+        group of them all); only rank 0 holds the ground truth and returns metrics."""
         self.split, self.dataset, self.imgsz, self.device = split, dataset, imgsz, device
-        self.masks = masks
+        self.masks, self.rank, self.world_size, self.group = masks, rank, world_size, group
         self.postprocess = postprocess or (InsPostprocessConfig() if masks else PostprocessConfig())
-        self.gt = coco_gt_from_split(split, dataset, masks=masks)
-        self.scorer, self.mask_scorer = make_scorers(self.gt, dataset.classes, dataset.category_ids, masks)
         self.ids = [int(r.image_id) for r in split.records]
-        fits = len(split.records) * 3 * imgsz * imgsz <= cache_bytes
-        self.loader = build_dataloader(ValDataset(split.records, imgsz), batch_size, num_workers=workers,
+        records = split.records[rank::world_size]
+        self.index = np.arange(rank, len(split.records), world_size)  # each image of the share in the split
+        self.gt = self.scorer = self.mask_scorer = self.scoring = None
+        if rank == 0:
+            self.gt = coco_gt_from_split(split, dataset, masks=masks)
+            self.scorer, self.mask_scorer = make_scorers(self.gt, dataset.classes, dataset.category_ids, masks)
+            if background:
+                self.scoring = ScoreProcess(self.gt, dataset.classes, dataset.category_ids, self.ids, masks)
+        fits = len(records) * 3 * imgsz * imgsz <= cache_bytes
+        self.loader = build_dataloader(ValDataset(records, imgsz), batch_size, num_workers=workers,
                                        persistent_workers=not fits and workers > 0)
         self.cache: list[dict[str, Any]] | None = [] if fits else None
-        self.cached = False  # the cache holds the whole split (a validation cut short leaves it partial)
+        self.cached = False  # the cache holds the whole share (a validation cut short leaves it partial)
         self.seconds: dict[str, float] = {}  # where the last validation spent its time
-        self.scoring = (ScoreProcess(self.gt, dataset.classes, dataset.category_ids, self.ids, masks)
-                        if background else None)
+        self.background = background
         # Start the loader's workers now, before torch.compile's machinery (threads, compile
         # workers) is loaded: forking a process that runs threads can deadlock the child.
         if fits:
@@ -75,18 +88,35 @@ class Validator:
             yield batch
         self.cached = self.cache is not None
 
-    def __call__(self, model: nn.Module) -> dict[str, Any]:
-        """COCO metrics of `model` (EvalResult.to_metrics()); the model's train/eval mode is kept."""
-        table, rles = self.infer(model)
-        return self._finish(score_table(self.scorer, np.asarray(self.ids, np.int64), table, rles, self.mask_scorer))
+    def __call__(self, model: nn.Module) -> dict[str, Any] | None:
+        """COCO metrics of `model` (EvalResult.to_metrics()); the model's train/eval mode is kept.
+        Every rank calls it; ranks other than 0 get None."""
+        found = self._gathered(*self.infer(model))
+        if found is None:
+            return None
+        return self._finish(score_table(self.scorer, np.asarray(self.ids, np.int64), *found, self.mask_scorer))
 
-    def submit(self, model: nn.Module) -> Future:
+    def submit(self, model: nn.Module) -> Future | None:
         """Infer now (the GPU part) and score in the scoring process (the CPU part, COCOeval):
         training goes on meanwhile. Pass the future to `collect` for __call__'s metrics; one
-        validation at a time."""
-        if self.scoring is None:
+        validation at a time. Every rank calls it; ranks other than 0 get None."""
+        if not self.background:
             raise RuntimeError("Validator.submit needs a Validator built with background=True")
-        return self.scoring.submit(*self.infer(model))
+        found = self._gathered(*self.infer(model))
+        return None if found is None else self.scoring.submit(*found)
+
+    def _gathered(self, table: np.ndarray, rles: list[dict] | None) -> tuple[np.ndarray, list[dict] | None] | None:
+        """Every rank's detections on rank 0, in one table over the whole split (None elsewhere)."""
+        if self.world_size == 1:
+            return table, rles
+        shares = [None] * self.world_size if self.rank == 0 else None
+        start = time.perf_counter()
+        dist.gather_object((table, rles), shares, dst=0, group=self.group)
+        self.seconds["gather"] = time.perf_counter() - start  # rank 0: mostly waiting for the slowest share
+        if shares is None:
+            return None
+        tables = [t for t, _ in shares]
+        return np.concatenate(tables), (None if rles is None else [m for _, share in shares for m in share])
 
     def collect(self, future: Future) -> dict[str, Any]:
         return self._finish(future.result())
@@ -106,8 +136,8 @@ class Validator:
 
     @torch.inference_mode()
     def infer(self, model: nn.Module) -> tuple[np.ndarray, list[dict] | None]:
-        """Every image's detections as one table: [x1, y1, x2, y2, score, label, image index]; and
-        with masks, each row's mask as a COCO RLE (else None)."""
+        """Every image's detections (of this rank's share) as one table: [x1, y1, x2, y2, score,
+        label, image index in the split]; and with masks, each row's mask as a COCO RLE (else None)."""
         was_training = model.training
         model.eval()
         start = time.perf_counter()
@@ -141,5 +171,7 @@ class Validator:
             model_s, post_s = model_s + t1 - t0, post_s + time.perf_counter() - t1
         model.train(was_training)
         self.seconds = {"inference": time.perf_counter() - start, "model": model_s, "postprocess": post_s}
-        return (np.concatenate(parts) if parts else np.zeros((0, 7), np.float32)), rles
+        table = np.concatenate(parts) if parts else np.zeros((0, 7), np.float32)
+        table[:, 6] = self.index[table[:, 6].astype(np.int64)]  # the share's image -> the split's
+        return table, rles
 
