@@ -115,8 +115,7 @@ class Validator:
         self.seconds["gather"] = time.perf_counter() - start  # rank 0: mostly waiting for the slowest share
         if shares is None:
             return None
-        tables = [t for t, _ in shares]
-        return np.concatenate(tables), (None if rles is None else [m for _, share in shares for m in share])
+        return np.concatenate([t for t, _ in shares]), (None if rles is None else [m for _, ms in shares for m in ms])
 
     def collect(self, future: Future) -> dict[str, Any]:
         return self._finish(future.result())
