@@ -80,6 +80,8 @@ class TrainParams:
     cosine_start: float = 0.5  # fraction of epochs after which lr follows a cosine to min_lr_ratio
     min_lr_ratio: float = 0.05
     stage2_epochs: int = 20  # last epochs without mosaic/mixup (>= epochs: no mosaic/mixup at all)
+    resize_range: list[float] | None = None  # RandomResize ratio range of both stages (null: the size's, 0.5-2.0 or 0.1-2.0)
+    assigner_topk: int = 13  # DynamicSoftLabelAssigner's candidate count per box (mmdetection: 13)
     ema: bool = True
     ema_momentum: float = 0.0002
     ema_gamma: float = 2000.0
@@ -171,15 +173,19 @@ def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
     if value is None and type(None) in allowed:
         return None
     for t in allowed:
-        if typing.get_origin(t) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
+        if typing.get_origin(t) is list and isinstance(value, list):
+            item = typing.get_args(t)[0]
+            if item is str and all(isinstance(v, str) for v in value):
+                return value
+            if item is float and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                return [float(v) for v in value]
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if t in (str, bool) and isinstance(value, t):
             return value
-    names = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+    names = " or ".join("null" if t is type(None) else str(t) if typing.get_origin(t) else t.__name__ for t in allowed)
     raise ConfigError(f"params: {section}.{key} must be {names}, got {value!r}")
 
 

@@ -237,6 +237,33 @@ def test_best_pt_holds_the_weights_validated_even_when_scored_an_epoch_later(
     assert not all(torch.equal(best["state_dict"][k], v) for k, v in snapshots[2].items())
 
 
+def test_assigner_topk_and_resize_range_reach_the_loss_and_the_pipeline(
+        data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rtmdet.data.pipeline import PipelineConfig
+    from rtmdet.training import trainer as trainer_module
+
+    configs: list[PipelineConfig] = []
+    real = PipelineConfig.for_size.__func__
+
+    def spy(cls, size, imgsz, ratio_range=None):
+        configs.append(real(cls, size, imgsz, ratio_range))
+        return configs[-1]
+
+    monkeypatch.setattr(trainer_module.PipelineConfig, "for_size", classmethod(spy))
+    seen = {}
+    real_build = trainer_module._Run._build_data
+
+    def spy_build(self):
+        real_build(self)
+        seen["topk"] = self.criterion.assigner.topk
+        seen["ratio"] = self.loader.dataset.config.ratio_range
+
+    monkeypatch.setattr(trainer_module._Run, "_build_data", spy_build)
+    train(*_params(data_root, epochs=1, stage2_epochs=0, assigner_topk=5, resize_range=[0.8, 1.25]),
+          tmp_path / "run", progress=False)
+    assert seen == {"topk": 5, "ratio": (0.8, 1.25)} and configs[0].ratio_range == (0.8, 1.25)
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}

@@ -156,6 +156,20 @@ def test_random_resize_range():
     assert (out.width, out.height) == (128, 64)  # keep ratio, long side = scale
 
 
+def test_train_resize_range_replaces_the_sizes_range():
+    from rtmdet.config import parse_section
+
+    assert PipelineConfig.for_size("m", 64).ratio_range == (0.1, 2.0)
+    train = parse_section("train", {"resize_range": [1, 2.5]})
+    assert train.resize_range == [1.0, 2.5]
+    assert PipelineConfig.for_size("m", 64, train.resize_range).ratio_range == (1.0, 2.5)
+    for bad in ([2.0, 1.0], [0, 1], [1.0]):
+        with pytest.raises(ConfigError, match="train.resize_range must be"):
+            PipelineConfig.for_size("nano", 64, bad)
+    with pytest.raises(ConfigError, match=r"train.resize_range must be list\[float\] or null, got \[1, 'a'\]"):
+        parse_section("train", {"resize_range": [1, "a"]})
+
+
 def test_crop_drops_outside_boxes_and_clips_the_rest():
     s = draw_sample(120, 100, [(5, 5, 30, 30, 0), (50, 40, 90, 80, 1), (100, 85, 118, 98, 2)])
     canvas = crop_canvas(canvas_from_image(s.image, s.boxes, s.labels), 40, 30, 64, 64)

@@ -79,11 +79,19 @@ class PipelineConfig:
     max_refetch: int = 50  # mmdet draws another image when a crop keeps no box; we give up after this
 
     @classmethod
-    def for_size(cls, size: str, imgsz: int) -> PipelineConfig:
-        """The recipe of model size nano/tiny/s/m/l/x at training size imgsz."""
+    def for_size(cls, size: str, imgsz: int, ratio_range: Sequence[float] | None = None) -> PipelineConfig:
+        """The recipe of model size nano/tiny/s/m/l/x at training size imgsz.
+
+        ratio_range replaces the size's RandomResize range (train.resize_range).
+        """
         if size not in _RECIPE:
             raise ConfigError(f"model size {size!r}: unknown, expected one of {', '.join(_RECIPE)}")
         ratio, m_cache, m_pop, x_cache, x_pop, x_prob = _RECIPE[size]
+        if ratio_range is not None:
+            if len(ratio_range) != 2 or not 0 < ratio_range[0] <= ratio_range[1]:
+                raise ConfigError(f"params: train.resize_range must be [low, high] with 0 < low <= high, "
+                                  f"got {list(ratio_range)}")
+            ratio = (float(ratio_range[0]), float(ratio_range[1]))
         return cls(imgsz, ratio, m_cache, m_pop, mixup_max_cached=x_cache, mixup_random_pop=x_pop, mixup_prob=x_prob)
 
 

@@ -75,14 +75,15 @@ def finetune(model: QATDetector, dataset: DetectionDataset, qat: QATParams, trai
     if train.channels_last:
         model.to(memory_format=torch.channels_last)
     size, imgsz = model.cfg.size, model.cfg.image_size
-    loader = build_dataloader(TrainDataset(dataset.splits["train"].records, PipelineConfig.for_size(size, imgsz)),
-                              qat.batch_size, num_workers=qat.workers, seed=qat.seed)
+    pipeline = PipelineConfig.for_size(size, imgsz, train.resize_range)
+    loader = build_dataloader(TrainDataset(dataset.splits["train"].records, pipeline), qat.batch_size,
+                              num_workers=qat.workers, seed=qat.seed)
     iters = loader.batch_sampler.batches_per_epoch()
     lr = qat.lr * qat.batch_size / train.base_batch_size
     schedule = LrSchedule(lr, 0, 0, qat.epochs * iters, lr * train.min_lr_ratio)
     optimizer = build_optimizer(model, lr, train.weight_decay, device)
     task = train_task(model.cfg.task)  # the model's task loss (segment: the Dice mask loss too)
-    criterion = task.loss(model.strides)
+    criterion = task.loss(model.strides, topk=train.assigner_topk)
     priors = make_priors([(imgsz // s, imgsz // s) for s in model.strides], model.strides, device=device)
     result, start, frozen = FinetuneResult(), time.perf_counter(), None
     log.info("QAT: %d epochs x %d iterations, lr %.3g, ranges fixed from epoch %d", qat.epochs, iters, lr,

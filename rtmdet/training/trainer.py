@@ -174,10 +174,10 @@ class _Run(StepMixin, EpochEndMixin):
 
     def _build_data(self) -> None:
         p, s = self.p, self.model_p.imgsz
-        self.criterion = self.task.loss(self.net.strides)  # model.task's loss (rtmdet.training.tasks)
+        self.criterion = self.task.loss(self.net.strides, topk=p.assigner_topk)  # model.task's (training.tasks)
         self.priors = make_priors([(s // k, s // k) for k in self.net.strides], self.net.strides, device=self.device)
         records = self.dataset.splits["train"].records
-        train_ds = TrainDataset(records, PipelineConfig.for_size(self.model_p.size, s))
+        train_ds = TrainDataset(records, PipelineConfig.for_size(self.model_p.size, s, p.resize_range))
         self.loader = build_dataloader(train_ds, p.batch_size, num_workers=p.workers, seed=p.seed,
                                        rank=self.info.rank, world_size=self.info.world_size)
         valid = self.dataset.splits.get("valid")
