@@ -186,7 +186,11 @@ def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
         if t in (str, bool) and isinstance(value, t):
             return value
     names = " or ".join("null" if t is type(None) else str(t) if typing.get_origin(t) else t.__name__ for t in allowed)
-    raise ConfigError(f"params: {section}.{key} must be {names}, got {value!r}")
+    hint = ""
+    if isinstance(value, bool) and bool not in allowed:  # YAML 1.1 reads unquoted off/no/on/yes as booleans
+        hint = f" (YAML reads an unquoted {'off, no' if not value else 'on, yes'} or {str(value).lower()} as a " \
+               f"boolean: quote the word, e.g. {key}: '{'off' if not value else 'on'}')"
+    raise ConfigError(f"params: {section}.{key} must be {names}, got {value!r}{hint}")
 
 
 def parse_section(section: str, raw: dict[str, Any] | None) -> Any:

@@ -315,6 +315,10 @@ def test_cli_overrides_are_checked_like_params_yaml(tmp_path: Path) -> None:
     assert (got["train"].epochs, got["model"].imgsz, got["train"].lr, got["train"].grad_clip) == (7, 96, 0.01, 10.0)
     with pytest.raises(ConfigError, match="train.lrr"):
         command.resolve_params(parser.parse_args(["train", "--params", str(params), "--set", "train.lrr=1"]))
+    with pytest.raises(ConfigError, match="train.amp must be str, got False .YAML reads an unquoted off"):
+        command.resolve_params(parser.parse_args(["train", "--params", str(params), "--set", "train.amp=off"]))
+    quoted = command.resolve_params(parser.parse_args(["train", "--params", str(params), "--set", "train.amp='off'"]))
+    assert quoted["train"].amp == "off"
 
 
 def test_dvclive_resume_drops_rows_past_the_last_completed_step(tmp_path: Path) -> None:
