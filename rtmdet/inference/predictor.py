@@ -43,9 +43,11 @@ class Detector:
         self.batch_size = batch_size
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> "Detector":
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", fast: bool | str = "auto",
+                        **kwargs) -> "Detector":
         """A torch Detector from an rtmdet or mmdetection checkpoint; kwargs: PostprocessConfig fields,
-        `image_size` (default: the checkpoint's training size) and `batch_size`."""
+        `image_size` (default: the checkpoint's training size) and `batch_size`. fast: BatchNorm
+        folded and CUDA graphs (TorchBackend's fast; auto = on CUDA devices)."""
         from rtmdet.inference.postprocess_ins import InsPostprocessConfig
         from rtmdet.models.checkpoint import class_names_of, load_model
 
@@ -55,7 +57,7 @@ class Detector:
         task = model.cfg.task
         post = InsPostprocessConfig(**kwargs) if task == "segment" else PostprocessConfig(**kwargs)
         names = class_names_of(ckpt, model.cfg.num_classes)
-        return cls(TorchBackend(model, device), names, image_size, post, batch_size, task)
+        return cls(TorchBackend(model, device, fast=fast), names, image_size, post, batch_size, task)
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
         """One image -> Detections; a list of images -> a list of Detections."""
