@@ -6,6 +6,7 @@ runs, so `rtmdet --help` stays fast and a missing optional package gives a clear
     export_onnx(model, path)                        rtmdet.export.onnx
     export_tflite(model, out_dir, precisions, ...)  rtmdet.export.tflite
     detector_from_export(path)                      rtmdet.export.backends
+    export_classifier_onnx / _tflite, score_classifier_export   rtmdet.export.classify
 """
 
 from importlib import import_module
@@ -25,6 +26,9 @@ _EXPORTS = {
     "TFLiteBackend": "rtmdet.export.backends",
     "detector_from_export": "rtmdet.export.backends",
     "ExportMeta": "rtmdet.export.sidecar",
+    "export_classifier_onnx": "rtmdet.export.classify",
+    "export_classifier_tflite": "rtmdet.export.classify",
+    "score_classifier_export": "rtmdet.export.classify",
     "read_meta": "rtmdet.export.sidecar",
 }
 __all__ = ["ExportError", *_EXPORTS]

@@ -41,13 +41,21 @@ def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] =
                       image_size: int | None = None, calib_seed: int = 0) -> list[Path]:
     """Export a checkpoint file; returns the model files written (each has a .json sidecar).
 
-    data: the dataset root (or a loaded DetectionDataset) whose train split calibrates int8."""
+    data: the dataset root (or a loaded DetectionDataset) whose train split calibrates int8. A
+    classifier checkpoint goes to rtmdet.export.classify (data: a class-folder dataset root)."""
     from dataclasses import replace
 
-    from rtmdet.models.checkpoint import class_names_of, load_model
+    from rtmdet.models.checkpoint import class_names_of, is_classifier_checkpoint, load_model, read_checkpoint
 
     weights = Path(weights)
     _check_request(fmt, precisions, data, calib_images, dynamic_batch)
+    ckpt = read_checkpoint(weights)
+    if is_classifier_checkpoint(ckpt):
+        from rtmdet.export.classify import export_classifier_checkpoint
+
+        return export_classifier_checkpoint(weights, ckpt, fmt, precisions, data=data, calib_images=calib_images,
+                                            int8_io=int8_io, out=out, dynamic_batch=dynamic_batch,
+                                            image_size=image_size, calib_seed=calib_seed, sha256=_sha256(weights))
     # Segment models too: their kernels and mask features are more outputs.
     model, ckpt = load_model(weights, tasks=("detect", "segment"))
     if image_size is not None:

@@ -114,13 +114,17 @@ def onnx_model_bytes(model: "RTMDet", *, batch: int = 1, dynamic_batch: bool = F
     layout "flat" gives the [N, H*W, C] outputs of the .onnx file; "maps" the NCHW head maps,
     the graph handed to onnx2tf (see rtmdet.export.tflite for why).
     """
+    return trace_onnx(_wrapper(model, layout), model.cfg.image_size, all_output_names(model), batch=batch,
+                      dynamic_batch=dynamic_batch, opset=opset)
+
+
+def trace_onnx(wrapper, size: int, names: list[str], *, batch: int = 1, dynamic_batch: bool = False,
+               opset: int = OPSET) -> bytes:
+    """Trace a raw-pixels-in module (input `images` [batch, 3, size, size]) to simplified ONNX bytes."""
     import torch
 
     onnx = _require("onnx")
-    wrapper = _wrapper(model, layout)
-    size = model.cfg.image_size
     dummy = torch.full((batch, 3, size, size), 114.0)
-    names = all_output_names(model)
     axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]} if dynamic_batch else None
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
@@ -176,9 +180,13 @@ def check_onnx(model: "RTMDet", data: bytes, batch: int, rtol: float = 2e-3) -> 
     """Run the ONNX bytes in ONNX Runtime against torch; raise if an output differs by more than
     rtol of its largest magnitude (float32 summation order alone moves a deep net's outputs ~1e-4
     of their range; a real export bug moves them by whole units)."""
-    ort = _require("onnxruntime")
     images = fixed_inputs(model.cfg.image_size, batch)
-    ref = torch_reference(model, images)
+    return compare_onnx(data, images, torch_reference(model, images), rtol)
+
+
+def compare_onnx(data: bytes, images: np.ndarray, ref: dict[str, np.ndarray], rtol: float = 2e-3) -> dict[str, float]:
+    """ONNX Runtime on `images` (uint8 NCHW) against `ref` by output name; raise beyond rtol (see check_onnx)."""
+    ort = _require("onnxruntime")
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     got = sess.run(list(ref), {INPUT_NAME: images.astype(np.float32)})
     diffs = {name: float(np.abs(g - ref[name]).max()) for name, g in zip(ref, got)}

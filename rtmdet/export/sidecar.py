@@ -110,6 +110,21 @@ def read_meta(model_path: str | Path) -> ExportMeta:
     Whether it matches the model file itself is checked where the model is opened
     (rtmdet.export.backends), since only the runtime knows the model's shapes."""
     path = meta_path(model_path)
+    d = read_sidecar_json(model_path)
+    if d.get("task") == "classify":
+        raise ExportError(f"{path}: the sidecar of a classifier export (task classify), not a detector's; "
+                          "score it with rtmdet.export.classify")
+    try:
+        meta = ExportMeta.from_dict(d)
+    except TypeError as exc:
+        raise ExportError(f"{path}: sidecar is missing fields ({exc})") from None
+    _check_fields(path, meta)
+    return meta
+
+
+def read_sidecar_json(model_path: str | Path) -> dict[str, Any]:
+    """The sidecar's JSON object of any task; one-line ExportError when missing, unreadable or foreign."""
+    path = meta_path(model_path)
     if not path.is_file():
         raise ExportError(f"{path}: sidecar not found; it is written by `rtmdet export` next to the model "
                           "and holds its classes and input size")
@@ -121,12 +136,7 @@ def read_meta(model_path: str | Path) -> ExportMeta:
         raise ExportError(f"{path}: sidecar is not valid JSON ({exc})") from None
     if not isinstance(d, dict) or d.get("rtmdet_export") != SCHEMA:
         raise ExportError(f"{path}: not an rtmdet export sidecar of schema {SCHEMA}")
-    try:
-        meta = ExportMeta.from_dict(d)
-    except TypeError as exc:
-        raise ExportError(f"{path}: sidecar is missing fields ({exc})") from None
-    _check_fields(path, meta)
-    return meta
+    return d
 
 
 def _check_fields(path: Path, meta: ExportMeta) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from rtmdet.errors import CheckpointError, first_line
 from rtmdet.fileio import write_atomic
 from rtmdet.models import safe_pickle
+from rtmdet.models.classifier import ClassifierConfig, CSPNeXtClassifier
 from rtmdet.models.detector import SIZES, ModelConfig, RTMDet, model_config
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """Build the model a checkpoint describes, load its weights, eval mode; returns (model, ckpt).
     `tasks`: the model tasks the caller handles (a checkpoint of another is one clear error)."""
     ckpt = read_checkpoint(path)
+    if is_classifier_checkpoint(ckpt):
+        raise CheckpointError(f"{path}: a CSPNeXt classifier checkpoint (task classify), not a detector; "
+                              "load it with rtmdet.models.checkpoint.load_classifier")
     cfg = config_from_checkpoint(ckpt, path)
     if cfg.task not in tasks:
         what = "box detection" if tasks == ("detect",) else " and ".join(tasks)
@@ -196,8 +200,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 
 def checkpoint_task(path: str | Path) -> str:
-    """The task of the model a checkpoint holds: detect, segment or rotate."""
-    return config_from_checkpoint(read_checkpoint(path), path).task
+    """The task of the model a checkpoint holds: detect, segment, rotate or classify."""
+    ckpt = read_checkpoint(path)
+    return CLASSIFY if is_classifier_checkpoint(ckpt) else config_from_checkpoint(ckpt, path).task
 
 
 def class_names_of(ckpt: dict[str, Any], num_classes: int) -> list[str]:
@@ -208,3 +213,57 @@ def class_names_of(ckpt: dict[str, Any], num_classes: int) -> list[str]:
     if isinstance(classes, (list, tuple)) and len(classes) == num_classes:
         return [str(c) for c in classes]
     return [f"class_{i}" for i in range(num_classes)]
+
+
+CLASSIFY = "classify"
+
+
+def is_classifier_checkpoint(ckpt: dict[str, Any]) -> bool:
+    """True for a checkpoint written by save_classifier_checkpoint (meta task "classify")."""
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    return meta.get("task") == CLASSIFY
+
+
+def classifier_checkpoint_dict(model: CSPNeXtClassifier, classes: list[str]) -> dict[str, Any]:
+    """A classifier checkpoint: state_dict (mmpretrain's keys) + meta (task, ClassifierConfig, classes)."""
+    if len(classes) != model.cfg.num_classes:
+        raise CheckpointError(f"{len(classes)} class names given for a classifier with {model.cfg.num_classes} classes")
+    meta = {"task": CLASSIFY, "classifier": model.cfg.to_dict(), "dataset_meta": {"classes": [str(c) for c in classes]}}
+    return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "meta": meta}
+
+
+def save_classifier_checkpoint(model: CSPNeXtClassifier, classes: list[str], path: str | Path) -> Path:
+    """Write a classifier checkpoint atomically; returns its path."""
+    save_atomic(classifier_checkpoint_dict(model, classes), path)
+    return Path(path)
+
+
+def classifier_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "") -> CSPNeXtClassifier:
+    """The classifier a read checkpoint describes, weights loaded strictly, eval mode."""
+    if not is_classifier_checkpoint(ckpt):
+        what = "an RTMDet detector checkpoint" if _looks_like_detector(ckpt) else "not a classifier checkpoint"
+        raise CheckpointError(f"{path}: {what} (its meta has no task 'classify'); load detectors with "
+                              "rtmdet.models.checkpoint.load_model")
+    cfg_dict = ckpt["meta"].get("classifier")
+    if not isinstance(cfg_dict, dict):
+        raise CheckpointError(f"{path}: classifier checkpoint without meta['classifier'] (its ClassifierConfig)")
+    try:
+        model = CSPNeXtClassifier(ClassifierConfig.from_dict(cfg_dict))
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: meta['classifier'] is incomplete ({first_line(exc)})") from None
+    sd = extract_state_dict(ckpt, path)
+    _check_keys(model, sd, path, strict=True)
+    model.load_state_dict(sd, strict=False)
+    return model.eval()
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[CSPNeXtClassifier, dict[str, Any]]:
+    """Build the classifier a checkpoint file describes, load its weights; returns (model, ckpt)."""
+    ckpt = read_checkpoint(path)
+    return classifier_from_checkpoint(ckpt, path).to(device), ckpt
+
+
+def _looks_like_detector(ckpt: dict[str, Any]) -> bool:
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    sd = ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), dict) else ckpt
+    return isinstance(meta.get("rtmdet"), dict) or any(str(k).startswith("bbox_head.") for k in sd)
