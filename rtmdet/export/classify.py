@@ -127,8 +127,9 @@ def _wrapper(model: "CSPNeXtClassifier"):
 
         The model's BGR -> RGB flip is folded into the stem's first convolution (its input
         channels reversed, mean/std in BGR order): the same numbers with no channel flip in the
-        graph, which onnx2tf 2.6.9 converted wrongly (TFLite fp32 logits off by 2.3 of 2.9 on a
-        nano at 64 px: it reversed the NHWC graph's wrong axis)."""
+        graph. With the flip in the graph, onnx2tf 2.6.9's fp32 TFLite logits were off by 2.3
+        (max abs; the check's limit 0.006) on a nano at 64 px; folded, 4e-6 of their range. Why
+        onnx2tf mis-converts the flip was not dug into."""
 
         def __init__(self):
             super().__init__()
