@@ -45,7 +45,8 @@ def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] =
     classifier checkpoint goes to rtmdet.export.classify (data: a class-folder dataset root)."""
     from dataclasses import replace
 
-    from rtmdet.models.checkpoint import class_names_of, is_classifier_checkpoint, load_model, read_checkpoint
+    from rtmdet.models.checkpoint import class_names_of, is_classifier_checkpoint, model_from_checkpoint, \
+        read_checkpoint
 
     weights = Path(weights)
     _check_request(fmt, precisions, data, calib_images, dynamic_batch)
@@ -57,7 +58,7 @@ def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] =
                                             int8_io=int8_io, out=out, dynamic_batch=dynamic_batch,
                                             image_size=image_size, calib_seed=calib_seed, sha256=_sha256(weights))
     # Segment models too: their kernels and mask features are more outputs.
-    model, ckpt = load_model(weights, tasks=("detect", "segment"))
+    model = model_from_checkpoint(ckpt, weights, tasks=("detect", "segment"))
     if image_size is not None:
         model.cfg = replace(model.cfg, image_size=image_size)
     if model.cfg.image_size % 32 or model.cfg.image_size < 32:

@@ -183,6 +183,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """Build the model a checkpoint describes, load its weights, eval mode; returns (model, ckpt).
     `tasks`: the model tasks the caller handles (a checkpoint of another is one clear error)."""
     ckpt = read_checkpoint(path)
+    return model_from_checkpoint(ckpt, path, tasks).to(device), ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "",
+                          tasks: tuple[str, ...] = ("detect",)) -> RTMDet:
+    """The RTMDet a read checkpoint describes, weights loaded strictly, eval mode (see load_model)."""
     if is_classifier_checkpoint(ckpt):
         raise CheckpointError(f"{path}: a CSPNeXt classifier checkpoint (task classify), not a detector; "
                               "load it with rtmdet.models.checkpoint.load_classifier")
@@ -196,7 +202,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     sd = extract_state_dict(ckpt, path)
     _check_keys(model, sd, path, strict=True)
     model.load_state_dict(sd, strict=False)
-    return model.to(device).eval(), ckpt
+    return model.eval()
 
 
 def checkpoint_task(path: str | Path) -> str:
