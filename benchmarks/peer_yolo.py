@@ -1,8 +1,8 @@
-"""RTMDet against Ultralytics YOLO11n, trained from scratch side by side on one COCO dataset.
+"""RTMDet against Ultralytics YOLO11n, trained from scratch side by side on one dataset.
 
     python benchmarks/peer_yolo.py --data ROOT [--epochs 100] [--batch 32] [--pairs tiny:320 nano:192 nano-silu:192]
         [--workers N] [--seed 0] [--out DIR] [--only rtmdet|yolo] [--rtmdet-set train.lr=0.004 ...]
-        [--wheels DIR] [--keep-weights] [--task detect|segment]
+        [--wheels DIR] [--keep-weights] [--task detect|segment|classify]
     python benchmarks/peer_yolo.py --merge A/peer_yolo.json B/peer_yolo.json [--out DIR]
 
 ROOT is a Roboflow COCO export (train/ and valid/ with _annotations.coco.json). For each pair
@@ -27,6 +27,21 @@ pycocotools call per iou type: box (bbox) and mask (segm, each detection's mask 
 image size as an RLE; YOLO's with retina_masks, i.e. upsampled to the original image as its own
 validator does for its final metrics). The table gains mask mAP50-95 and mask mAP50, the pair line
 the mask ratio.
+
+--task classify is the image-classification pair: the CSPNeXt-SIZE classifier (model.task=classify,
+rtmdet.training.train, through train_on_gpus as above, with RTMDET_CLS_RECIPE, which leaves the
+trainer's own classify defaults in place) against YOLO11n-cls (yolo11n-cls.yaml, ultralytics' defaults). ROOT is a class-folder dataset
+(ROOT/train/<class>/*.jpg, ROOT/val/<class>/*.jpg or valid/, optional test/), read by
+rtmdet.data.class_folders.load_class_folders; pairs are SIZE:IMGSZ (default tiny:224). YOLO trains
+on a symlinked view of the very images rtmdet reads (train/ and val/, every class folder in both,
+so its ImageFolder indices are train's; its scan caches land in scratch, not in ROOT). Both best
+checkpoints are scored on val by one scorer, rtmdet.evaluation.classification.classification_result,
+each model with its own evaluation pre-process: RTMDet's eval_transform (short edge to
+IMGSZ x 256/224, bicubic, centre crop; rtmdet.export.classify.score_classifier), YOLO's predictor
+(short edge to IMGSZ, bilinear, centre crop), its probabilities put in the dataset's class order by
+name. The table shows top-1 and top-5 (top-5 n/a under 5 classes), the pair line the top-1
+difference (RTMDet - YOLO) and the wall-time ratio; ultralytics' own final validation of best.pt
+is kept as ultralytics_val.
 
 Ultralytics is a benchmark-only dependency: when it cannot be imported it is installed from the
 wheels in --wheels (ultralytics and ultralytics_thop; its other deps must be there already) into the
@@ -76,8 +91,25 @@ RTMDET_RECIPE: dict[str, Any] = {
     "channels_last": True,
     "gpus": 1,  # --rtmdet-set train.gpus=2 train.batch_size=16: the same total batch on two GPUs
 }
+# TrainParams for the classify task: only the task-neutral part of RTMDET_RECIPE (the lr, warmup and
+# stage-2 values above are the detector's), so the trainer's own classify defaults apply; validation
+# every epoch, as YOLO validates every epoch too. --rtmdet-set overrides any of these.
+RTMDET_CLS_RECIPE: dict[str, Any] = {
+    "val_interval": 1,
+    "amp": "auto",
+    "channels_last": True,
+    "gpus": 1,
+}
 SCORE_THR, NMS_IOU, MAX_DETS = 0.001, 0.65, 100
-YOLO_MODELS = {"detect": "yolo11n.yaml", "segment": "yolo11n-seg.yaml"}
+YOLO_MODELS = {"detect": "yolo11n.yaml", "segment": "yolo11n-seg.yaml", "classify": "yolo11n-cls.yaml"}
+DEFAULT_PAIRS = {"detect": [("tiny", 320), ("nano", 192), ("nano-silu", 192)],
+                 "segment": [("tiny", 320), ("nano", 192), ("nano-silu", 192)],
+                 "classify": [("tiny", 224)]}
+
+
+def recipe_of(task: str) -> dict[str, Any]:
+    """The RTMDet TrainParams recipe of a task (before the command line's values and overrides)."""
+    return RTMDET_CLS_RECIPE if task == "classify" else RTMDET_RECIPE
 
 
 # ---- parent: run the children, print the table --------------------------------------------------
@@ -89,6 +121,8 @@ def main() -> int:
     if args.merge:
         return merge(args.merge, args.out.resolve())
     out = args.out.resolve()
+    if args.task == "classify":
+        check_class_folders(args.data)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="peer_yolo_", dir=args.work))
     try:
@@ -111,11 +145,13 @@ def main() -> int:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=REPO / ".devdata" / "facemask", help="Roboflow COCO export")
+    p.add_argument("--data", type=Path, default=REPO / ".devdata" / "facemask",
+                   help="Roboflow COCO export (classify: a class-folder dataset, train/<class>/*.jpg and val/)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--pairs", nargs="+", type=_pair, default=[("tiny", 320), ("nano", 192), ("nano-silu", 192)],
-                   help="RTMDet SIZE[-ACT]:IMGSZ pairs, each against YOLO11n at IMGSZ (default: tiny:320 nano:192 nano-silu:192)")
+    p.add_argument("--pairs", nargs="+", type=_pair, default=None,
+                   help="RTMDet SIZE[-ACT]:IMGSZ pairs, each against YOLO11n at IMGSZ (default: tiny:320 nano:192 "
+                        "nano-silu:192; classify: tiny:224)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "peer_yolo")
@@ -126,14 +162,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="scratch parent folder (default: the system temp)")
     p.add_argument("--keep-weights", action="store_true",
                    help="copy the best checkpoints to OUT (rtmdet_<size>_<imgsz>.pt, yolo11n_<imgsz>.pt)")
-    p.add_argument("--task", choices=("detect", "segment"), default="detect",
-                   help="detect: RTMDet vs YOLO11n; segment: RTMDet-Ins vs YOLO11n-seg, scored by box and mask")
+    p.add_argument("--task", choices=("detect", "segment", "classify"), default="detect",
+                   help="detect: RTMDet vs YOLO11n; segment: RTMDet-Ins vs YOLO11n-seg, scored by box and mask; "
+                        "classify: the CSPNeXt classifier vs YOLO11n-cls, scored by top-1/top-5")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                    help="train nothing: one table from earlier peer_yolo.json files (runs split with --only)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.data = args.data.resolve()
-    args.rtmdet_overrides = _overrides(args.rtmdet_set)
+    if args.pairs is None:
+        args.pairs = list(DEFAULT_PAIRS[args.task])
+    args.rtmdet_overrides = _overrides(args.rtmdet_set, args.task)
     return args
 
 
@@ -155,17 +194,20 @@ def split_variant(variant: str) -> tuple[str, dict[str, str]]:
     return size, ({"act": act} if act else {})
 
 
+RUN_PREFIX = {"detect": ("", ""), "segment": ("ins_", "seg_"), "classify": ("cls_", "cls_")}  # (rtmdet, yolo)
+
+
 def rtmdet_run_name(variant: str, imgsz: int, task: str = "detect") -> str:
     """'nano-silu', 192 -> 'rtmdet_nano_silu_192' (work folder, result file and table row);
-    the segment task: 'rtmdet_ins_tiny_320'."""
-    return f"rtmdet_{'ins_' if task == 'segment' else ''}{variant.replace('-', '_')}_{imgsz}"
+    the segment task: 'rtmdet_ins_tiny_320'; classify: 'rtmdet_cls_tiny_224'."""
+    return f"rtmdet_{RUN_PREFIX[task][0]}{variant.replace('-', '_')}_{imgsz}"
 
 
 def yolo_run_name(imgsz: int, task: str = "detect") -> str:
-    return f"yolo11n_{'seg_' if task == 'segment' else ''}{imgsz}"
+    return f"yolo11n_{RUN_PREFIX[task][1]}{imgsz}"
 
 
-def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+def _overrides(items: list[str], task: str = "detect") -> dict[str, dict[str, Any]]:
     import yaml
 
     out: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
@@ -176,7 +218,7 @@ def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
             raise SystemExit(f"--rtmdet-set {item!r}: expected train.<key>=<value> or model.<key>=<value>")
         out[section][name] = yaml.safe_load(value)
     try:  # a typo fails now, not after the first hours of training
-        parse_section("train", {**RTMDET_RECIPE, **out["train"]})
+        parse_section("train", {**recipe_of(task), **out["train"]})
         parse_section("model", out["model"])
     except ConfigError as exc:
         raise SystemExit(f"--rtmdet-set: {exc}") from None
@@ -184,7 +226,21 @@ def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 # ultralytics' own dependencies, which the benchmark does not install (import names).
-YOLO_DEPS = ("scipy", "seaborn", "cpuinfo", "psutil", "requests", "matplotlib", "pandas", "cv2", "yaml")
+YOLO_DEPS = ("scipy", "seaborn", "cpuinfo", "psutil", "requests", "matplotlib", "pandas", "cv2", "yaml",
+             "torchvision")
+
+
+def check_class_folders(root: Path) -> None:
+    """The classify task's dataset, read as the children will read it: fail now, not after training."""
+    from rtmdet.data.class_folders import load_class_folders
+    from rtmdet.errors import DataError
+
+    try:
+        dataset = load_class_folders(root, check_images=False)
+    except DataError as exc:
+        raise SystemExit(f"--task classify: {exc}") from None
+    if "val" not in dataset.splits:
+        raise SystemExit(f"--task classify: {dataset.root} has no val/ (or valid/) split to score on")
 
 
 def child_env(args: argparse.Namespace, work: Path) -> dict[str, str]:
@@ -241,7 +297,8 @@ def run_one(args: argparse.Namespace, kind: str, size: str, imgsz: int, work: Pa
         print(f"{name} FAILED (exit {rc}); last lines of {log_path}:\n{tail}", flush=True)
         return {"name": name, "kind": kind, "size": size, "imgsz": imgsz, "error": f"exit {rc}, see {log_path}"}
     result = json.loads(result_path.read_text())
-    print(f"{name}: mAP {_f(result['mAP'], 4)}, wall {result['wall_s']:.0f} s "
+    score = (f"top-1 {_f(result['top1'], 4)}" if args.task == "classify" else f"mAP {_f(result['mAP'], 4)}")
+    print(f"{name}: {score}, wall {result['wall_s']:.0f} s "
           f"(child {time.perf_counter() - start:.0f} s)", flush=True)
     return result
 
@@ -260,20 +317,26 @@ def merge(files: list[Path], out: Path) -> int:
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    scoring = ({"scorer": "rtmdet.evaluation.classification.classification_result", "split": "val"}
+               if args.task == "classify" else {"score_thr": SCORE_THR, "nms_iou": NMS_IOU, "max_dets": MAX_DETS})
     return {"task": args.task, "data": str(args.data), "epochs": args.epochs, "batch": args.batch, "seed": args.seed,
             "workers": args.workers, "pairs": [f"{s}:{i}" for s, i in args.pairs],
-            "rtmdet_recipe": RTMDET_RECIPE, "rtmdet_overrides": args.rtmdet_overrides,
-            "score_thr": SCORE_THR, "nms_iou": NMS_IOU, "max_dets": MAX_DETS}
+            "rtmdet_recipe": recipe_of(args.task), "rtmdet_overrides": args.rtmdet_overrides, **scoring}
 
 
 def pair_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """RTMDet / YOLO mAP and wall time at each image size (and task) where both finished."""
+    """RTMDet / YOLO mAP and wall time at each image size (and task) where both finished; for
+    classify the top-1 and top-5 differences (RTMDet - YOLO) and the wall-time ratio."""
     ok = [r for r in runs if "error" not in r]
     pairs = []
     for r in (r for r in ok if r["kind"] == "rtmdet"):
         y = next((y for y in ok if y["kind"] == "yolo" and y["imgsz"] == r["imgsz"]
                   and y.get("task", "detect") == r.get("task", "detect")), None)
-        if y is not None:
+        if y is not None and r.get("task") == "classify":
+            pairs.append({"rtmdet": r["name"], "yolo": y["name"], "task": "classify",
+                          "top1_diff": _diff(r["top1"], y["top1"]), "top5_diff": _diff(r.get("top5"), y.get("top5")),
+                          "time_ratio": _ratio(r["wall_s"], y["wall_s"])})
+        elif y is not None:
             pair = {"rtmdet": r["name"], "yolo": y["name"],
                     "mAP_ratio": _ratio(r["mAP"], y["mAP"]), "mAP50_ratio": _ratio(r["mAP50"], y["mAP50"]),
                     "time_ratio": _ratio(r["wall_s"], y["wall_s"])}
@@ -288,8 +351,14 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _diff(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
+
+
 def format_table(report: dict[str, Any]) -> str:
     s = report["settings"]
+    if s.get("task") == "classify":
+        return format_classify_table(report)
     masks = any("mask_mAP" in r for r in report["runs"])
     mask_head, mask_rule = ("mask mAP50-95 | mask mAP50 | ", "---|---|") if masks else ("", "")
     lines = [f"\n{s['epochs']} epochs, batch {s['batch']}, seed {s['seed']}, {s['workers']} workers; "
@@ -312,6 +381,29 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_classify_table(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [f"\n{s['epochs']} epochs, batch {s['batch']}, seed {s['seed']}, {s['workers']} workers; "
+             "val scored by rtmdet.evaluation.classification, each model with its own eval pre-process",
+             "| model | imgsz | top-1 | top-5 | wall s (train+val) | img/s | peak mem GiB | params M |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['imgsz']} | failed: {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['imgsz']} | {_f(r['top1'], 4)} | {_f(r.get('top5'), 4)} | "
+                     f"{r['wall_s']:.0f} | {r['images_per_s']:.0f} | {_f(r['peak_mem_gib'], 2)} | "
+                     f"{r['params'] / 1e6:.2f} |")
+    for p in report["pairs"]:
+        lines.append(f"\n{p['rtmdet']} / {p['yolo']}: top-1 {_d(p['top1_diff'])}, top-5 {_d(p.get('top5_diff'))} "
+                     f"(RTMDet - YOLO), wall time {_x(p['time_ratio'])}")
+    return "\n".join(lines)
+
+
+def _d(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:+.4f}"
+
+
 def _f(v: float | None, digits: int) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
@@ -328,12 +420,16 @@ def run_child(spec: dict[str, Any]) -> int:
     work = Path(spec["work"])
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # anything a library writes next to itself lands in scratch
-    ranks = {**RTMDET_RECIPE, **spec["overrides"]["train"]}.get("gpus") if spec["kind"] == "rtmdet" else 1
+    task = spec.get("task", "detect")
+    ranks = {**recipe_of(task), **spec["overrides"]["train"]}.get("gpus") if spec["kind"] == "rtmdet" else 1
     # Several ranks: this process only launches them; asking CUDA anything here would rule out
     # forking them (RTMDET_RANK_START=fork, rtmdet.training.launch).
     if ranks == 1 and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = train_rtmdet(spec) if spec["kind"] == "rtmdet" else train_yolo(spec)
+    if task == "classify":
+        result = train_rtmdet_classify(spec) if spec["kind"] == "rtmdet" else train_yolo_classify(spec)
+    else:
+        result = train_rtmdet(spec) if spec["kind"] == "rtmdet" else train_yolo(spec)
     result.update(kind=spec["kind"], size=spec["size"], imgsz=spec["imgsz"], epochs=spec["epochs"],
                   batch=spec["batch"], seed=spec["seed"], workers=spec["workers"], network_attempts=blocked,
                   device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -431,6 +527,72 @@ def _mask_stats(ev: Any) -> dict[str, Any]:
     return {**{f"mask_{k}": v for k, v in ev.masks.stats.items()}, "mask_per_class": ev.masks.per_class}
 
 
+def train_rtmdet_classify(spec: dict[str, Any]) -> dict[str, Any]:
+    """The CSPNeXt classifier: rtmdet's trainer with model.task=classify, then its best.pt scored on val."""
+    from rtmdet.config import DataParams, as_dict
+    from rtmdet.data.class_folders import load_class_folders
+    from rtmdet.training.launch import train_on_gpus
+
+    over = spec["overrides"]
+    train_p = parse_section("train", {**RTMDET_CLS_RECIPE, "epochs": spec["epochs"], "batch_size": spec["batch"],
+                                      "seed": spec["seed"], "workers": spec["workers"], **over["train"]})
+    size, variant = split_variant(spec["size"])
+    model_p = parse_section("model", {"size": size, "imgsz": spec["imgsz"], "task": "classify", **variant,
+                                      **over["model"]})
+    start = time.perf_counter()
+    run = train_on_gpus(DataParams(root=spec["data"]), model_p, train_p, Path(spec["work"]) / "train",
+                        live_dir=None, progress=False)
+    wall = time.perf_counter() - start
+    mem, reserved = _peak_mem() if train_p.gpus == 1 else (None, None)
+    best = getattr(run, "best_path", None) or run.best  # TrainResult.best: the best validation's checkpoint
+    if best is None:
+        raise RuntimeError(f"the classifier run in {run.out_dir} wrote no best checkpoint")
+    dataset = load_class_folders(spec["data"])
+    result = score_rtmdet_classifier(Path(best), dataset)
+    if spec["keep"]:
+        shutil.copy2(best, spec["keep"])
+    n_train = len(dataset.splits["train"].images)
+    label = f"CSPNeXt-{size}-cls" + (f" ({variant['act']})" if variant else "")
+    return {"name": rtmdet_run_name(spec["size"], spec["imgsz"], "classify"), "model": label, "task": "classify",
+            **result, "wall_s": wall, "images_per_s": spec["epochs"] * n_train / wall,
+            "peak_mem_gib": mem, "peak_reserved_gib": reserved, "train_images": n_train,
+            "epochs_s": None,  # not seen from here; train_loop_s is the steps' time, without validation
+            "train_loop_s": run.seconds, "best_epoch": run.best_epoch,
+            "train_val_best": run.best_mAP, "train_val_metrics": _numbers(run.metrics),
+            "train_loop_images_per_s": run.images_per_s, "train_params": as_dict(train_p),
+            "model_params": as_dict(model_p)}
+
+
+def score_rtmdet_classifier(best: Path, dataset: Any) -> dict[str, Any]:
+    """A classifier checkpoint over val through rtmdet.export.classify.score_classifier (eval_transform)."""
+    from rtmdet.export.classify import score_classifier
+    from rtmdet.models.checkpoint import class_names_of, load_classifier
+
+    model, ckpt = load_classifier(best, "cpu")
+    classes = class_names_of(ckpt, model.cfg.num_classes)
+    if classes != list(dataset.classes):
+        raise RuntimeError(f"{best}: its classes {classes[:5]} are not the dataset's {dataset.classes[:5]}")
+    params = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    res = score_classifier(model, dataset, split="val", batch_size=32)
+    return {**classification_stats(res), "params": params, "eval_s": time.perf_counter() - start,
+            "eval_imgsz": model.cfg.image_size}
+
+
+def classification_stats(res: Any) -> dict[str, Any]:
+    """A ClassificationResult as the run's result entries: top1, top5, the macro precision / recall
+    / F1, per class and the confusion matrix (rows ground truth)."""
+    m = res.metrics()
+    return {"top1": res.top1, "top5": res.top5, "precision": m["precision"], "recall": m["recall"], "f1": m["f1"],
+            "per_class": res.per_class, "confusion": res.confusion.tolist()}
+
+
+def _numbers(metrics: dict[str, Any] | None) -> dict[str, float]:
+    """The JSON-ready numbers of a metrics dict."""
+    return {str(k): float(v) for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def train_yolo(spec: dict[str, Any]) -> dict[str, Any]:
     import ultralytics
     from ultralytics import YOLO
@@ -442,27 +604,38 @@ def train_yolo(spec: dict[str, Any]) -> dict[str, Any]:
     dataset = load_dataset(spec["data"], masks=task == "segment")
     data_yaml = write_yolo_dataset(dataset, Path(spec["work"]) / "data", polygons=task == "segment")
     model = YOLO(YOLO_MODELS[task])
-    marks: dict[str, float] = {}
-    model.add_callback("on_train_start", lambda t: marks.setdefault("start", time.perf_counter()))
-    model.add_callback("on_fit_epoch_end", lambda t: marks.setdefault(f"epoch{t.epoch}", time.perf_counter()))
-    start = time.perf_counter()
-    model.train(data=str(data_yaml), epochs=spec["epochs"], batch=spec["batch"], imgsz=spec["imgsz"],
-                seed=spec["seed"], workers=spec["workers"], pretrained=False, plots=False, val=True,
-                project=str(Path(spec["work"]) / "runs"), name="train", exist_ok=True)
-    wall = time.perf_counter() - start
-    mem, reserved = _peak_mem()
+    fit = fit_yolo(model, data_yaml, spec)
     trainer = model.trainer
-    own = {k: float(v) for k, v in (trainer.metrics or {}).items()}  # its own val of best.pt (final_eval)
     result = score_yolo(Path(trainer.best), dataset, spec["imgsz"])
     if spec["keep"]:
         shutil.copy2(trainer.best, spec["keep"])
     n_train = len(dataset.splits["train"].records)
-    last = marks.get(f"epoch{spec['epochs'] - 1}")
     return {"name": yolo_run_name(spec["imgsz"], task), "model": "YOLO11n" + ("-seg" if task == "segment" else ""),
-            "task": task, **result, "wall_s": wall,
-            "images_per_s": spec["epochs"] * n_train / wall, "peak_mem_gib": mem, "peak_reserved_gib": reserved,
-            "train_images": n_train, "epochs_s": last - marks["start"] if last and "start" in marks else None,
-            "ultralytics_val": own, "amp": bool(trainer.amp), "ultralytics": ultralytics.__version__}
+            "task": task, **result, **fit, "images_per_s": spec["epochs"] * n_train / fit["wall_s"],
+            "train_images": n_train, "ultralytics_val": _ultralytics_val(trainer), "amp": bool(trainer.amp),
+            "ultralytics": ultralytics.__version__}
+
+
+def fit_yolo(model: Any, data: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """model.train with the benchmark's settings (ultralytics' defaults otherwise, validation every
+    epoch, no plots); its wall time, peak memory and the time from the first step to the last epoch's end."""
+    marks: dict[str, float] = {}
+    model.add_callback("on_train_start", lambda t: marks.setdefault("start", time.perf_counter()))
+    model.add_callback("on_fit_epoch_end", lambda t: marks.setdefault(f"epoch{t.epoch}", time.perf_counter()))
+    start = time.perf_counter()
+    model.train(data=str(data), epochs=spec["epochs"], batch=spec["batch"], imgsz=spec["imgsz"],
+                seed=spec["seed"], workers=spec["workers"], pretrained=False, plots=False, val=True,
+                project=str(Path(spec["work"]) / "runs"), name="train", exist_ok=True)
+    wall = time.perf_counter() - start
+    mem, reserved = _peak_mem()
+    last = marks.get(f"epoch{spec['epochs'] - 1}")
+    return {"wall_s": wall, "peak_mem_gib": mem, "peak_reserved_gib": reserved,
+            "epochs_s": last - marks["start"] if last and "start" in marks else None}
+
+
+def _ultralytics_val(trainer: Any) -> dict[str, float]:
+    """Ultralytics' own validation of best.pt (final_eval), e.g. metrics/mAP50-95(B) or metrics/accuracy_top1."""
+    return {k: float(v) for k, v in (trainer.metrics or {}).items()}
 
 
 def offline_ultralytics() -> None:
@@ -575,6 +748,76 @@ def score_yolo(best: Path, dataset: Any, imgsz: int) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     ev = score_detections(dets, dataset.splits["valid"], dataset)
     return {**ev.stats, **_mask_stats(ev), "params": params, "eval_s": seconds, "per_class": ev.per_class}
+
+
+def train_yolo_classify(spec: dict[str, Any]) -> dict[str, Any]:
+    """YOLO11n-cls on a linked view of the class folders, then its best.pt scored on val."""
+    import ultralytics
+    from ultralytics import YOLO
+
+    from rtmdet.data.class_folders import load_class_folders
+
+    offline_ultralytics()
+    dataset = load_class_folders(spec["data"])
+    view = write_yolo_cls_dataset(dataset, Path(spec["work"]) / "data")
+    model = YOLO(YOLO_MODELS["classify"])
+    fit = fit_yolo(model, view, spec)
+    trainer = model.trainer
+    result = score_yolo_classifier(Path(trainer.best), dataset, spec["imgsz"])
+    if spec["keep"]:
+        shutil.copy2(trainer.best, spec["keep"])
+    n_train = len(dataset.splits["train"].images)
+    return {"name": yolo_run_name(spec["imgsz"], "classify"), "model": "YOLO11n-cls", "task": "classify",
+            **result, **fit, "images_per_s": spec["epochs"] * n_train / fit["wall_s"], "train_images": n_train,
+            "ultralytics_val": _ultralytics_val(trainer), "amp": bool(trainer.amp),
+            "ultralytics": ultralytics.__version__}
+
+
+def write_yolo_cls_dataset(dataset: Any, root: Path) -> Path:
+    """train/ and val/ in ultralytics' classify layout: <split>/<class>/<image> links to the images
+    load_class_folders read (whatever the dataset calls its val folder; skipped images stay out).
+    Every class gets a folder in both splits, so torchvision's ImageFolder indexes val's classes as
+    train's; ultralytics' scan caches (<split>.cache) are written here, not into the dataset."""
+    for split in ("train", "val"):
+        folders = [root / split / name for name in dataset.classes]
+        for folder in folders:
+            folder.mkdir(parents=True)
+        for k, im in enumerate(dataset.splits[split].images):
+            _link(im.file, folders[im.label] / f"{k:06d}_{im.file.name}")  # unique even for nested folders
+    return root
+
+
+def yolo_class_order(names: Any, classes: list[str]) -> list[int]:
+    """For each of the dataset's classes, the index of that class in a YOLO model's outputs
+    (model.names: {index: name} or a list): probs[:, order] are in the dataset's class order."""
+    index = {str(name): int(i) for i, name in (names.items() if isinstance(names, dict) else enumerate(names))}
+    if sorted(index) != sorted(classes) or len(index) != len(classes):
+        raise ValueError(f"YOLO classes {sorted(index)[:5]} are not the dataset's {sorted(classes)[:5]}")
+    return [index[c] for c in classes]
+
+
+def score_yolo_classifier(best: Path, dataset: Any, imgsz: int) -> dict[str, Any]:
+    """YOLO's predictor (its own classify pre-process) on every val image, read by rtmdet's reader;
+    its probabilities in the dataset's class order, scored by classification_result."""
+    import numpy as np
+    from ultralytics import YOLO
+
+    from rtmdet.evaluation.classification import classification_result
+    from rtmdet.imageio import read_image
+
+    model = YOLO(str(best))
+    params = sum(p.numel() for p in model.model.parameters())  # before predict() fuses BN in place
+    order = yolo_class_order(model.names, dataset.classes)
+    images = dataset.splits["val"].images
+    scores = []
+    start = time.perf_counter()
+    for i in range(0, len(images), 32):
+        batch = images[i : i + 32]
+        results = model.predict([read_image(im.file) for im in batch], imgsz=imgsz, verbose=False)
+        scores += [res.probs.data.float().cpu().numpy() for res in results]
+    seconds = time.perf_counter() - start
+    res = classification_result(np.stack(scores)[:, order], np.array([im.label for im in images]), dataset.classes)
+    return {**classification_stats(res), "params": params, "eval_s": seconds}
 
 
 if __name__ == "__main__":
