@@ -249,7 +249,7 @@ def test_assigner_topk_and_resize_range_reach_the_loss_and_the_pipeline(
         configs.append(real(cls, size, imgsz, ratio_range))
         return configs[-1]
 
-    monkeypatch.setattr(trainer_module.PipelineConfig, "for_size", classmethod(spy))
+    monkeypatch.setattr(PipelineConfig, "for_size", classmethod(spy))
     seen = {}
     real_build = trainer_module._Run._build_data
 
@@ -276,7 +276,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
                 out = {**out, "loss": out["loss"] * float("nan"), "loss_cls": out["loss_cls"] * float("nan")}
             return out
 
-    monkeypatch.setitem(tasks.TRAIN_TASKS, "detect", replace(tasks.TRAIN_TASKS["detect"], loss=PoisonedLoss))
+    poisoned = replace(tasks.TRAIN_TASKS["detect"], loss=lambda net, p: PoisonedLoss(net.strides, topk=p.assigner_topk))
+    monkeypatch.setitem(tasks.TRAIN_TASKS, "detect", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(TrainingError) as err:
         train(*_params(data_root, ckpt_interval_s=0.0, log_interval=2), out, progress=False)

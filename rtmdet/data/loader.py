@@ -368,9 +368,12 @@ def build_dataloader(
     drop_last: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    collate_fn: Any = collate,
 ) -> DataLoader:
-    """A DataLoader for a TrainDataset (shuffled keys, see set_epoch) or a ValDataset (in order)."""
-    if isinstance(dataset, TrainDataset):
+    """A DataLoader for a TrainDataset (shuffled keys, see set_epoch) or a ValDataset (in order).
+    Another task's datasets fit too: one with `keyed = True` (rtmdet.data.class_loader) is
+    sampled like a TrainDataset; collate_fn makes its batches."""
+    if isinstance(dataset, TrainDataset) or getattr(dataset, "keyed", False):
         batch_sampler: Sampler = TrainBatchSampler(
             len(dataset), batch_size, seed=seed, drop_last=drop_last, rank=rank, world_size=world_size
         )
@@ -381,7 +384,7 @@ def build_dataloader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=(workers > 0) if persistent_workers is None else (persistent_workers and workers > 0),
         prefetch_factor=prefetch_factor if workers > 0 else None,

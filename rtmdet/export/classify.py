@@ -297,15 +297,21 @@ def classifier_calibration(data, count: int, size: int, seed: int = 0) -> tuple[
 
 
 def classifier_runner(model_or_path, threads: int = 2) -> tuple[Callable[[np.ndarray], np.ndarray], int, list[str]]:
-    """(run, image_size, classes) for a torch classifier, an .onnx or a .tflite file;
-    run maps uint8 BGR [N, S, S, 3] to logits [N, C]."""
+    """(run, image_size, classes) for a torch classifier, its checkpoint (.pt), an .onnx or a .tflite
+    file; run maps uint8 BGR [N, S, S, 3] to logits [N, C]."""
     if not isinstance(model_or_path, (str, Path)):
         model = model_or_path
         return (lambda x: torch_logits(model, x.transpose(0, 3, 1, 2)), model.cfg.image_size,
                 [f"class_{i}" for i in range(model.cfg.num_classes)])
     path = Path(model_or_path)
     if not path.is_file():
-        raise ExportError(f"{path}: exported model not found")
+        raise ExportError(f"{path}: model file not found")
+    if path.suffix in (".pt", ".pth"):
+        from rtmdet.models.checkpoint import class_names_of, load_classifier
+
+        model, ckpt = load_classifier(path)
+        return (lambda x: torch_logits(model, x.transpose(0, 3, 1, 2)), model.cfg.image_size,
+                class_names_of(ckpt, model.cfg.num_classes))
     meta = read_classifier_meta(path)
     if path.suffix == ".onnx":
         return _onnx_run(path, meta, threads), meta.image_size, meta.classes
@@ -316,7 +322,7 @@ def classifier_runner(model_or_path, threads: int = 2) -> tuple[Callable[[np.nda
         if meta.output_name not in runner.outputs:
             raise ExportError(f"{meta_path(path)}: does not match {path.name}: no output {meta.output_name!r}")
         return (lambda x: tflite_logits(runner, x.astype(np.float32))), meta.image_size, meta.classes
-    raise ExportError(f"{path}: unknown model format {path.suffix!r}; expected .onnx or .tflite")
+    raise ExportError(f"{path}: unknown model format {path.suffix!r}; expected .pt, .onnx or .tflite")
 
 
 def _onnx_run(path: Path, meta: ClassifierExportMeta, threads: int):

@@ -83,7 +83,7 @@ def finetune(model: QATDetector, dataset: DetectionDataset, qat: QATParams, trai
     schedule = LrSchedule(lr, 0, 0, qat.epochs * iters, lr * train.min_lr_ratio)
     optimizer = build_optimizer(model, lr, train.weight_decay, device)
     task = train_task(model.cfg.task)  # the model's task loss (segment: the Dice mask loss too)
-    criterion = task.loss(model.strides, topk=train.assigner_topk)
+    criterion = task.loss(model, train)
     priors = make_priors([(imgsz // s, imgsz // s) for s in model.strides], model.strides, device=device)
     result, start, frozen = FinetuneResult(), time.perf_counter(), None
     log.info("QAT: %d epochs x %d iterations, lr %.3g, ranges fixed from epoch %d", qat.epochs, iters, lr,

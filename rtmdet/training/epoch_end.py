@@ -79,7 +79,8 @@ class EpochEndMixin:
                                    f"not hold); train.compile: false trains with DDP instead")
         self.clock["ranks"] += time.perf_counter() - start
         means = self.meter.means()
-        absent = {"loss_distill": self.distiller is None, "loss_mask": not self.task.masks}
+        absent = {"loss_distill": self.distiller is None, "loss_mask": "mask" not in self.task.loss_parts,
+                  "loss_bbox": "bbox" not in self.task.loss_parts}
         metrics: dict[str, float | None] = {f"train/{k}": v for k, v in means.items() if not absent.get(k)}
         metrics["train/lr"] = self.lr_now
         report = EpochReport(epoch, metrics, means, self.epoch_seconds, self.epoch_images, self.lr_now)
@@ -135,10 +136,9 @@ class EpochEndMixin:
                                  f"{sec['postprocess']:.2f}, wait {wait:.2f}; scoring "
                                  f"{self.validator.seconds['scoring']:.2f} beside training")
                 self.last_metrics = val
-                report.metrics["val/mAP"], report.metrics["val/mAP50"] = val["mAP"], val["mAP50"]
-                if self.task.masks:
-                    report.metrics["val/mask_mAP"], report.metrics["val/mask_mAP50"] = val["mask_mAP"], val["mask_mAP50"]
-                score = val[self.task.best_metric] or 0.0  # mAP, or the segment task's mask mAP
+                for name in self.task.val_metrics:  # mAP, mAP50 (and the segment task's mask ones), top1, top5
+                    report.metrics[f"val/{name}"] = val[name]
+                score = val[self.task.best_metric] or 0.0  # mAP, the segment task's mask mAP, top1
                 if self.best_map is None or score > self.best_map:
                     self.best_map, self.best_epoch = score, report.epoch + 1
                     self._save_best(report.best)
@@ -151,13 +151,13 @@ class EpochEndMixin:
         eta = (self.p.epochs - done) * report.seconds
         score = ""
         if val is not None:
-            masks = f" mask mAP {val['mask_mAP'] or 0:.4f} mAP50 {val['mask_mAP50'] or 0:.4f}" if self.task.masks else ""
-            score = (f"  mAP {val['mAP'] or 0:.4f} mAP50 {val['mAP50'] or 0:.4f}{masks} "
-                     f"(best {self.best_map:.4f} @ {self.best_epoch}; validation {self.val_last})")
+            numbers = " ".join(f"{name.replace('_', ' ')} {val[name] or 0:.4f}" for name in self.task.val_metrics
+                               if val[name] is not None or name.startswith(("mAP", "mask")))  # top5: None under 5 classes
+            score = f"  {numbers} (best {self.best_map:.4f} @ {self.best_epoch}; validation {self.val_last})"
         means = report.means
-        mask = f", mask {means['loss_mask']:.4f}" if self.task.masks else ""
-        log.info("epoch %d/%d  loss %.4f (cls %.4f, bbox %.4f%s)  lr %.3g  %.1f img/s  %.1fs %s%s  ETA %s",
-                 done, self.p.epochs, means["loss"], means["loss_cls"], means["loss_bbox"], mask,
+        parts = ", ".join(f"{k} {means['loss_' + k]:.4f}" for k in self.task.loss_parts)
+        log.info("epoch %d/%d  loss %.4f%s  lr %.3g  %.1f img/s  %.1fs %s%s  ETA %s",
+                 done, self.p.epochs, means["loss"], f" ({parts})" if parts else "",
                  report.lr, rate, report.seconds, self._mem(), score, time.strftime("%H:%M:%S", time.gmtime(eta)))
 
     def _mem(self) -> str:
@@ -172,8 +172,8 @@ class EpochEndMixin:
 
     def _best_checkpoint(self, epoch: int) -> dict[str, Any]:
         """best.pt's content for the weights as they are now (tensors copied off the model)."""
-        ckpt = st.make_checkpoint(self._weights(), self.dataset, self.params, epoch=epoch + 1,
-                                  iteration=self.global_iter, mAP=None)
+        ckpt = st.make_checkpoint(self.task.parts.checkpoint(self._weights(), self.dataset, {}), self.params,
+                                  epoch=epoch + 1, iteration=self.global_iter, mAP=None)
         ckpt["state_dict"] = {k: v.clone() for k, v in ckpt["state_dict"].items()}  # .cpu() of a CPU tensor is itself
         return ckpt
 
@@ -215,8 +215,8 @@ class EpochEndMixin:
             "train_seconds": self.train_seconds, "world_size": self.info.world_size, "lr": self.lr,
             "last_metrics": self.last_metrics,
         }
-        ckpt = st.make_checkpoint(self._weights(), self.dataset, self.params, epoch=epoch,
-                                  iteration=self.global_iter, mAP=self.best_map, train_state=ts)
+        ckpt = st.make_checkpoint(self.task.parts.checkpoint(self._weights(), self.dataset, {}), self.params,
+                                  epoch=epoch, iteration=self.global_iter, mAP=self.best_map, train_state=ts)
         self.writer.write(host_copy(ckpt), self.last_path)
         spent = time.perf_counter() - start
         # What a write costs the run: the snapshot here, or the background write if that is longer

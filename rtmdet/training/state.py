@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from rtmdet.config import DataParams, ModelParams, TrainParams
 from rtmdet.data.records import DetectionDataset
 from rtmdet.errors import CheckpointError, RTMDetError
-from rtmdet.models.checkpoint import checkpoint_dict, read_checkpoint
+from rtmdet.models.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +75,13 @@ def dataset_digest(dataset: DetectionDataset) -> str:
 
 
 def fingerprint_payload(data: DataParams, model: ModelParams, train: TrainParams, world_size: int,
-                        dataset: DetectionDataset) -> dict[str, Any]:
+                        digest: str) -> dict[str, Any]:
     """What defines a run: params (minus NOT_IN_FINGERPRINT), the number of ranks, the data."""
     params = params_dict(data, model, train)
     params["train"] = {k: v for k, v in params["train"].items() if k not in NOT_IN_FINGERPRINT}
     if params["model"].get("task") == "detect":  # the task before there was a choice: runs from then resume
         params["model"] = {k: v for k, v in params["model"].items() if k != "task"}
-    return {**params, "world_size": world_size, "dataset": dataset_digest(dataset)}
+    return {**params, "world_size": world_size, "dataset": digest}  # digest: the task's (dataset_digest for boxes)
 
 
 def fingerprint(payload: dict[str, Any]) -> str:
@@ -132,14 +131,14 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def make_checkpoint(weights: nn.Module, dataset: DetectionDataset, params: dict[str, Any], *, epoch: int,
-                    iteration: int, mAP: float | None, train_state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An mmdetection-layout checkpoint of `weights` (the EMA model); train_state only in last.pt."""
-    meta = {"params": params, "epoch": epoch, "iter": iteration, "mAP": mAP, "mmdet_compatible": True}
-    ckpt = checkpoint_dict(weights, dataset.classes, dataset.category_ids, extra_meta=meta)
+def make_checkpoint(base: dict[str, Any], params: dict[str, Any], *, epoch: int, iteration: int,
+                    mAP: float | None, train_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A checkpoint of the weights in `base` (the task's checkpoint of the EMA model, e.g. mmdetection's
+    layout) with the run's meta; train_state only in last.pt. mAP: the best validation score."""
+    base["meta"].update({"params": params, "epoch": epoch, "iter": iteration, "mAP": mAP})
     if train_state is not None:
-        ckpt["train_state"] = train_state
-    return ckpt
+        base["train_state"] = train_state
+    return base
 
 
 def read_resume(path: Path, fp: str, payload: dict[str, Any]) -> dict[str, Any] | None:

@@ -21,8 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from rtmdet.config import DataParams, ModelParams, TrainParams
-from rtmdet.data.loader import TrainBatchSampler, TrainDataset, build_dataloader, set_epochs
-from rtmdet.data.pipeline import PipelineConfig
+from rtmdet.data.loader import TrainBatchSampler, build_dataloader, set_epochs
 from rtmdet.data.records import DetectionDataset
 from rtmdet.errors import ConfigError
 from rtmdet.failpoints import armed, kill_point
@@ -32,10 +31,8 @@ from rtmdet.training import state as st
 from rtmdet.training.build import (
     GRAPH_MODES,
     amp_dtype,
-    build_train_model,
     check_train_params,
     compile_enabled,
-    dataset_from_params,
     seed_everything,
     sync_bn_enabled,
 )
@@ -49,7 +46,6 @@ from rtmdet.training.state import TrainingError, TrainResult
 from rtmdet.training.tasks import train_task
 from rtmdet.training.epoch_end import EpochEndMixin
 from rtmdet.training.steps import StepMixin
-from rtmdet.training.validate import Validator
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +78,13 @@ class _Run(StepMixin, EpochEndMixin):
         self.out_dir, self.live_dir, self.info, self.progress = out_dir, live_dir, info, progress
         self.device = info.device
         self.task = train_task(model.task)
-        self.dataset = dataset if dataset is not None else dataset_from_params(data, masks=self.task.masks)
+        parts = self.task.parts  # the task family's data, model, validation, checkpoints (training.task_parts)
+        self.dataset = dataset if dataset is not None else parts.read_dataset(data, self.task.masks)
         if self.task.masks and self.dataset.splits["train"].records[0].segmentations is None:
             raise ConfigError(f"model.task {model.task}: the dataset of {data.root} was read without its instance "
                               "masks (load_dataset(..., masks=True))")
         self.params = st.params_dict(data, model, train)
-        self.payload = st.fingerprint_payload(data, model, train, info.world_size, self.dataset)
+        self.payload = st.fingerprint_payload(data, model, train, info.world_size, parts.digest(self.dataset))
         self.fp = st.fingerprint(self.payload)
         self.last_path, self.best_path = out_dir / "last.pt", out_dir / "best.pt"
         self.total_batch = train.batch_size * info.world_size
@@ -120,7 +117,7 @@ class _Run(StepMixin, EpochEndMixin):
         p, info = self.p, self.info
         # A resumed run takes its weights from last.pt: model.init need not be there any more.
         params = self.model_p if resume is None else replace(self.model_p, init=None)
-        net = build_train_model(params, len(self.dataset.classes), p.seed).to(self.device)
+        net = self.task.parts.build_model(params, len(self.dataset.classes), p.seed).to(self.device)
         if p.channels_last:
             net.to(memory_format=torch.channels_last)
         self.ema = ExpMomentumEMA(net, p.ema_momentum, p.ema_gamma) if p.ema else None
@@ -162,6 +159,9 @@ class _Run(StepMixin, EpochEndMixin):
         """train.teacher: the frozen teacher on this device, hooks on both necks, fresh adapters."""
         if not self.p.teacher:
             return None
+        if not self.task.parts.distills:
+            raise ConfigError(f"train.teacher: distillation is for detectors; model.task {self.model_p.task} "
+                              "trains without a teacher (set train.teacher: null)")
         teacher = load_teacher(self.p.teacher, self.dataset.classes).to(self.device)
         if self.p.channels_last:
             teacher.to(memory_format=torch.channels_last)
@@ -174,20 +174,19 @@ class _Run(StepMixin, EpochEndMixin):
 
     def _build_data(self) -> None:
         p, s = self.p, self.model_p.imgsz
-        self.criterion = self.task.loss(self.net.strides, topk=p.assigner_topk)  # model.task's (training.tasks)
-        self.priors = make_priors([(s // k, s // k) for k in self.net.strides], self.net.strides, device=self.device)
-        records = self.dataset.splits["train"].records
-        train_ds = TrainDataset(records, PipelineConfig.for_size(self.model_p.size, s, p.resize_range))
+        parts, info = self.task.parts, self.info
+        self.criterion = self.task.loss(self.net, p)  # model.task's (training.tasks)
+        self.priors = None
+        if parts.uses_priors:
+            self.priors = make_priors([(s // k, s // k) for k in self.net.strides], self.net.strides,
+                                      device=self.device)
+        train_ds, collate_fn = parts.train_data(self.dataset, self.model_p, p)
         self.loader = build_dataloader(train_ds, p.batch_size, num_workers=p.workers, seed=p.seed,
-                                       rank=self.info.rank, world_size=self.info.world_size)
-        valid = self.dataset.splits.get("valid")
-        self.validator = None
-        if valid is not None and valid.records:  # every rank validates its share of the split
-            info = self.info
-            group = dist_utils.host_group(info)  # the detections go to rank 0 over it
-            self.validator = Validator(valid, self.dataset, s, self.device, batch_size=min(2 * p.batch_size, 64),
-                                       workers=min(p.workers, 4), background=True, masks=self.task.masks,
-                                       rank=info.rank, world_size=info.world_size, group=group)
+                                       rank=info.rank, world_size=info.world_size, collate_fn=collate_fn)
+        # Every rank validates its share of the split; the results go to rank 0 over a host group.
+        group = dist_utils.host_group(info)
+        self.validator = parts.validator(self.dataset, s, self.device, min(2 * p.batch_size, 64), min(p.workers, 4),
+                                         self.task.masks, info.rank, info.world_size, group)
         sampler = self.loader.batch_sampler
         assert isinstance(sampler, TrainBatchSampler)
         self.iters_per_epoch = sampler.batches_per_epoch()

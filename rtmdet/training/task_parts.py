@@ -1,0 +1,153 @@
+"""What differs between the task families the one trainer runs: how the data is read and sampled,
+which model is built, how it is validated, and what its checkpoint holds.
+
+Boxes (detect, segment): COCO datasets, RTMDet / RTMDet-Ins, COCO validation, mmdetection-layout
+checkpoints. Classes (classify): class-folder datasets, CSPNeXt classifiers, top-1 validation,
+mmpretrain-layout checkpoints. The trainer (rtmdet.training.trainer) only calls these methods;
+rtmdet.training.tasks maps each model.task to its parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from rtmdet.config import DataParams, ModelParams, TrainParams
+from rtmdet.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class BoxParts:
+    """detect and segment: the detector path as it always was."""
+
+    distills = True  # train.teacher works here
+    uses_priors = True  # the loss reads the point priors of the model's levels
+
+    def read_dataset(self, data: DataParams, masks: bool) -> Any:
+        from rtmdet.training.build import dataset_from_params
+
+        return dataset_from_params(data, masks=masks)
+
+    def digest(self, dataset: Any) -> str:
+        from rtmdet.training.state import dataset_digest
+
+        return dataset_digest(dataset)
+
+    def build_model(self, params: ModelParams, num_classes: int, seed: int) -> nn.Module:
+        from rtmdet.training.build import build_train_model
+
+        return build_train_model(params, num_classes, seed)
+
+    def train_data(self, dataset: Any, model: ModelParams, train: TrainParams) -> tuple[Any, Any]:
+        """The training Dataset and its collate function."""
+        from rtmdet.data.loader import TrainDataset, collate
+        from rtmdet.data.pipeline import PipelineConfig
+
+        config = PipelineConfig.for_size(model.size, model.imgsz, train.resize_range)
+        return TrainDataset(dataset.splits["train"].records, config), collate
+
+    def validator(self, dataset: Any, imgsz: int, device: torch.device, batch_size: int, workers: int,
+                  masks: bool, rank: int, world_size: int, group: Any) -> Any:
+        from rtmdet.training.validate import Validator
+
+        valid = dataset.splits.get("valid")
+        if valid is None or not valid.records:
+            return None
+        return Validator(valid, dataset, imgsz, device, batch_size=batch_size, workers=workers, background=True,
+                         masks=masks, rank=rank, world_size=world_size, group=group)
+
+    def checkpoint(self, weights: nn.Module, dataset: Any, meta: dict[str, Any]) -> dict[str, Any]:
+        from rtmdet.models.checkpoint import checkpoint_dict
+
+        return checkpoint_dict(weights, dataset.classes, dataset.category_ids,
+                               extra_meta={**meta, "mmdet_compatible": True})
+
+
+class ClassParts:
+    """classify: CSPNeXt classifiers on class-folder datasets."""
+
+    distills = False
+    uses_priors = False
+
+    def read_dataset(self, data: DataParams, masks: bool) -> Any:
+        from rtmdet.data.class_folders import load_class_folders
+
+        explicit = [k for k in ("train_ann_file", "val_ann_file", "test_ann_file") if getattr(data, k)]
+        if explicit:
+            raise ConfigError(f"model.task classify reads class folders (root/train/<class>/...); "
+                              f"data.{explicit[0]} applies to COCO datasets only")
+        dataset = load_class_folders(data.root)
+        if data.num_classes is not None and data.num_classes != len(dataset.classes):
+            raise ConfigError(f"data.num_classes is {data.num_classes} but {data.root} has {len(dataset.classes)} "
+                              f"classes ({', '.join(dataset.classes)})")
+        return dataset
+
+    def digest(self, dataset: Any) -> str:
+        h = hashlib.sha256(json.dumps(list(dataset.classes)).encode())
+        for im in dataset.splits["train"].images:
+            h.update(f"{im.file.parent.name}/{im.file.name}:{im.label}\n".encode())
+        return h.hexdigest()[:16]
+
+    def build_model(self, params: ModelParams, num_classes: int, seed: int) -> nn.Module:
+        from rtmdet.models.classifier import build_classifier
+
+        if params.normalization is not None:
+            raise ConfigError("model.normalization applies to detectors; a classifier takes mmpretrain's "
+                              "ImageNet mean/std (leave it null)")
+        torch.manual_seed(seed)  # the same initial weights on every rank and on every resume
+        model = build_classifier(params.size, num_classes, params.act, channel_attention=params.channel_attention,
+                                 image_size=params.imgsz)
+        if params.init:
+            load_classifier_init(model, params.init)
+            log.info("initialized from %s", params.init)
+        return model
+
+    def train_data(self, dataset: Any, model: ModelParams, train: TrainParams) -> tuple[Any, Any]:
+        from rtmdet.data.class_loader import ClassTrainDataset, collate_classes
+
+        return ClassTrainDataset(dataset.splits["train"].images, len(dataset.classes), model.imgsz), collate_classes
+
+    def validator(self, dataset: Any, imgsz: int, device: torch.device, batch_size: int, workers: int,
+                  masks: bool, rank: int, world_size: int, group: Any) -> Any:
+        from rtmdet.training.validate_cls import ClassValidator
+
+        val = dataset.splits.get("val")
+        if val is None or not val.images:
+            return None
+        return ClassValidator(val.images, dataset.classes, imgsz, device, batch_size=batch_size, workers=workers,
+                              rank=rank, world_size=world_size, group=group)
+
+    def checkpoint(self, weights: nn.Module, dataset: Any, meta: dict[str, Any]) -> dict[str, Any]:
+        from rtmdet.models.checkpoint import classifier_checkpoint_dict
+
+        ckpt = classifier_checkpoint_dict(weights, dataset.classes)
+        ckpt["meta"].update(meta)
+        return ckpt
+
+
+def load_classifier_init(model: nn.Module, path: str) -> None:
+    """model.init for a classifier: a classifier checkpoint (ours or mmpretrain's; its head too when
+    the class count matches), or any checkpoint with CSPNeXt backbone weights (a detector's)."""
+    from rtmdet.models.checkpoint import CheckpointError, extract_state_dict, read_checkpoint
+
+    sd = extract_state_dict(read_checkpoint(path), path)
+    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    if not backbone:
+        backbone = {k: v for k, v in sd.items() if k.startswith(("stem.", "stage"))}
+    own = model.backbone.state_dict()
+    if not backbone or set(backbone) != set(own) or any(own[k].shape != v.shape for k, v in backbone.items()):
+        raise CheckpointError(f"{path}: holds no CSPNeXt backbone of the {model.cfg.size} classifier "
+                              f"({len(backbone)} backbone tensors, the model has {len(own)})")
+    model.backbone.load_state_dict(backbone)
+    head = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")}
+    own_head = model.head.state_dict()
+    if head and set(head) == set(own_head) and all(own_head[k].shape == v.shape for k, v in head.items()):
+        model.head.load_state_dict(head)
+    elif head:
+        log.info("%s: a head of another class count; the head stays initialized", path)
