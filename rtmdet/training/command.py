@@ -37,9 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--data", metavar="ROOT", help="dataset folder (Roboflow train/ valid/, or COCO annotations/)")
     p.add_argument("--size", help="model size: nano, tiny, s, m, l, x")
     p.add_argument("--imgsz", type=int, help="training and validation image size (multiple of 32)")
-    p.add_argument("--task", choices=("detect", "segment"),
-                   help="detect (boxes, the default) or segment (RTMDet-Ins: boxes and instance masks; best.pt "
-                        "follows the mask mAP)")
+    p.add_argument("--task", choices=("detect", "segment", "classify"),
+                   help="detect (boxes, the default), segment (RTMDet-Ins: boxes and instance masks; best.pt "
+                        "follows the mask mAP) or classify (a CSPNeXt classifier on class folders "
+                        "root/train/<class>/, root/val/<class>/; best.pt follows the top-1)")
     p.add_argument("--init", metavar="CKPT", help="start from a CSPNeXt backbone or a full RTMDet checkpoint")
     p.add_argument("--teacher", metavar="CKPT|SIZE",
                    help="distill from this detector checkpoint, or from a teacher of this size trained first "
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     best = "n/a" if result.best_mAP is None else f"{result.best_mAP:.4f} (epoch {result.best_epoch})"
-    what = "mask mAP" if params["model"].task == "segment" else "mAP"
+    what = {"segment": "mask mAP", "classify": "top-1"}.get(params["model"].task, "mAP")
     if teacher is not None and teacher.best_mAP is not None:
         log.info("teacher: %s (best mAP %.4f)", teacher.best or teacher.last, teacher.best_mAP)
     log.info("done: %s (best %s %s), %s", result.best or "no best.pt", what, best, result.last)
