@@ -172,7 +172,7 @@ class EpochEndMixin:
 
     def _best_checkpoint(self, epoch: int) -> dict[str, Any]:
         """best.pt's content for the weights as they are now (tensors copied off the model)."""
-        ckpt = st.make_checkpoint(self.task.parts.checkpoint(self._weights(), self.dataset, {}), self.params,
+        ckpt = st.make_checkpoint(self.task.parts.checkpoint(self._weights(), self.dataset), self.params,
                                   epoch=epoch + 1, iteration=self.global_iter, mAP=None)
         ckpt["state_dict"] = {k: v.clone() for k, v in ckpt["state_dict"].items()}  # .cpu() of a CPU tensor is itself
         return ckpt
@@ -215,7 +215,7 @@ class EpochEndMixin:
             "train_seconds": self.train_seconds, "world_size": self.info.world_size, "lr": self.lr,
             "last_metrics": self.last_metrics,
         }
-        ckpt = st.make_checkpoint(self.task.parts.checkpoint(self._weights(), self.dataset, {}), self.params,
+        ckpt = st.make_checkpoint(self.task.parts.checkpoint(self._weights(), self.dataset), self.params,
                                   epoch=epoch, iteration=self.global_iter, mAP=self.best_map, train_state=ts)
         self.writer.write(host_copy(ckpt), self.last_path)
         spent = time.perf_counter() - start

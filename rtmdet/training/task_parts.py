@@ -62,11 +62,11 @@ class BoxParts:
         return Validator(valid, dataset, imgsz, device, batch_size=batch_size, workers=workers, background=True,
                          masks=masks, rank=rank, world_size=world_size, group=group)
 
-    def checkpoint(self, weights: nn.Module, dataset: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    def checkpoint(self, weights: nn.Module, dataset: Any) -> dict[str, Any]:
+        """The weights in mmdetection's checkpoint layout (the trainer adds the run's meta)."""
         from rtmdet.models.checkpoint import checkpoint_dict
 
-        return checkpoint_dict(weights, dataset.classes, dataset.category_ids,
-                               extra_meta={**meta, "mmdet_compatible": True})
+        return checkpoint_dict(weights, dataset.classes, dataset.category_ids, extra_meta={"mmdet_compatible": True})
 
 
 class ClassParts:
@@ -123,12 +123,11 @@ class ClassParts:
         return ClassValidator(val.images, dataset.classes, imgsz, device, batch_size=batch_size, workers=workers,
                               rank=rank, world_size=world_size, group=group)
 
-    def checkpoint(self, weights: nn.Module, dataset: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    def checkpoint(self, weights: nn.Module, dataset: Any) -> dict[str, Any]:
+        """The weights in mmpretrain's keys with meta task classify (the trainer adds the run's meta)."""
         from rtmdet.models.checkpoint import classifier_checkpoint_dict
 
-        ckpt = classifier_checkpoint_dict(weights, dataset.classes)
-        ckpt["meta"].update(meta)
-        return ckpt
+        return classifier_checkpoint_dict(weights, dataset.classes)
 
 
 def load_classifier_init(model: nn.Module, path: str) -> None:
