@@ -8,6 +8,7 @@ The backbone is the detector's own CSPNeXt module: same sizes, same keys.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ RGB_STD = (58.395, 57.12, 57.375)
 class ClassifierConfig:
     """Everything needed to rebuild a classifier (the detector table's backbone of a size)."""
 
+    task: ClassVar[str] = "classify"  # the task table's entry (rtmdet.training.tasks), not a stored field
     size: str
     num_classes: int
     deepen: float

@@ -27,7 +27,7 @@ does), the top-down one's in a random 64 px SiLU model (off by 1-24%), by no rul
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,27 +55,26 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (ConvModule, ChannelAttention)) or super().is_leaf_module(m, qualname)
 
 
-class QATDetector(nn.Module):
-    """An RTMDet with TFLite's int8 simulated; `normalize` and `forward` behave like RTMDet's,
-    so the trainer's step, `TorchBackend` and `Detector` take it as they take the float model."""
+class QATModel(nn.Module):
+    """A traced, BN-folded model with TFLite's int8 simulated: quantized input and normalization,
+    then `net`. Subclasses say what the model is (QATDetector; the classifier's in
+    rtmdet.quantization.classify)."""
 
-    def __init__(self, net: fx.GraphModule, model: RTMDet, ties: dict[str, str]):
+    def __init__(self, net: fx.GraphModule, cfg, mean: torch.Tensor, std: torch.Tensor, ties: dict[str, str]):
         super().__init__()
-        self.cfg = model.cfg
-        self.strides = model.strides
+        self.cfg = cfg
         self.q_input = ActQuant()  # the int8 file's QUANTIZE of the float pixels
         self.q_norm = ActQuant()  # the normalization op's int8 output
         self.net = net
         self.ties = dict(ties)  # quantizer -> the quantizer whose range it uses (concat inputs)
-        self.register_buffer("mean", model.mean.clone(), persistent=False)
-        self.register_buffer("std", model.std.clone(), persistent=False)
+        self.register_buffer("mean", mean.clone(), persistent=False)  # in the input's channel order
+        self.register_buffer("std", std.clone(), persistent=False)
 
     def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] BGR pixels (0..255) -> the quantized, normalized input of forward."""
         return self.q_norm((self.q_input(images_uint8.float()) - self.mean) / self.std)
 
-    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per level: class logits [N, C, H/s, W/s] and distances in pixels, both fake-quantized."""
+    def forward(self, images: torch.Tensor):
         return self.net(images)
 
     def apply_ties(self) -> None:
@@ -104,24 +103,40 @@ class QATDetector(nn.Module):
                 if not any(k.startswith(q + ".") for q in qnames)}
 
 
+class QATDetector(QATModel):
+    """An RTMDet with TFLite's int8 simulated; `normalize` and `forward` behave like RTMDet's,
+    so the trainer's step, `TorchBackend` and `Detector` take it as they take the float model.
+    forward: per level, class logits [N, C, H/s, W/s] and distances in pixels, fake-quantized."""
+
+    def __init__(self, net: fx.GraphModule, model: RTMDet, ties: dict[str, str]):
+        super().__init__(net, model.cfg, model.mean, model.std, ties)
+        self.strides = model.strides
+
+
 def prepare_qat(model: RTMDet) -> QATDetector:
     """Fold BN (a copy of `model`), trace it and insert TFLite's quantizers."""
     folded = fuse_conv_bn(model)
+    net, ties = quantized_graph(folded)
+    return QATDetector(net, folded, ties).train(model.training)
+
+
+def quantized_graph(folded: nn.Module, extra: Callable[[fx.Node], bool] = lambda node: False
+                    ) -> tuple[fx.GraphModule, dict[str, str]]:
+    """A BN-folded model traced, TFLite's quantizers in place, and its tied ranges (names under
+    `net.`). `extra(node)`: further nodes whose output gets a quantizer of its own (a task's
+    ops that the detector has not, e.g. the classifier's pooling and fully connected layer)."""
     graph = _Tracer().trace(folded)
     net = fx.GraphModule(folded, graph)
     producer: dict[fx.Node, str] = {}  # node -> the quantizer that sets its scale
     for node in list(graph.nodes):
-        if node.op == "call_module":
-            name = _quantize_module(net, node)
-            if name:
-                producer[node] = name
-        elif node.op == "call_function" and _needs_quantizer(node):
+        if node.op == "call_module" and (name := _quantize_module(net, node)):
+            producer[node] = name
+        elif (node.op == "call_function" and _needs_quantizer(node)) or extra(node):
             producer[node] = _insert_quantizer(net, graph, node)
     ties = _tied_ranges(graph, producer)
     graph.lint()
     net.recompile()
-    detector = QATDetector(net, folded, {f"net.{k}": f"net.{v}" for k, v in ties.items()})
-    return detector.train(model.training)
+    return net, {f"net.{k}": f"net.{v}" for k, v in ties.items()}
 
 
 def _quantize_module(net: fx.GraphModule, node: fx.Node) -> str | None:
@@ -203,7 +218,7 @@ def _source_quantizer(node: fx.Node, producer: dict[fx.Node, str], quant_of: dic
         node, first = node.args[0], False
 
 
-def calibrate(model: QATDetector, images_nhwc: np.ndarray, batch_size: int = 16) -> None:
+def calibrate(model: QATModel, images_nhwc: np.ndarray, batch_size: int = 16) -> None:
     """Set every activation range to its min/max over the images, as TF's converter does:
     [n, S, S, 3] float BGR 0..255 letterboxed canvases (rtmdet.export.tflite.load_calibration)."""
     device = next(model.parameters()).device

@@ -4,7 +4,8 @@ Schedule (epochs 0-based, F = qat.freeze_observers_epoch):
   * before epochs 0..F: every activation range is recalibrated as TF's converter will do it
     (global min/max over the export's calibration images, float model); from epoch F on the
     ranges stay fixed, so the last epochs adapt the weights to one fixed int8 grid;
-  * every step: stage-2 pipeline (no mosaic/mixup), RTMDetLoss, AdamW over the folded weights
+  * every step: the task's stage-2 samples (no mosaic/mixup; a classifier's: no RandAugment or
+    Mixup/CutMix) and its loss (RTMDetLoss, ...), AdamW over the folded weights
     (no BN left to freeze), lr on a cosine from qat.lr down to train.min_lr_ratio x qat.lr;
   * after the last epoch: one more calibration with the final weights: the converter
     calibrates the weights it is given, so these are the ranges the int8 file will have.
@@ -24,13 +25,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rtmdet.config import QATParams, TrainParams
-from rtmdet.data.loader import TrainDataset, build_dataloader, set_epoch
-from rtmdet.data.pipeline import PipelineConfig
+from rtmdet.config import ModelParams, QATParams, TrainParams
+from rtmdet.data.loader import build_dataloader, set_epoch
 from rtmdet.data.records import DetectionDataset
 from rtmdet.errors import ConfigError, RTMDetError
 from rtmdet.failpoints import kill_point
-from rtmdet.quantization.model import QATDetector, calibrate
+from rtmdet.quantization.model import QATModel, calibrate
 from rtmdet.training.build import seed_everything
 from rtmdet.training.losses import RTMDetLoss, make_priors
 from rtmdet.training.tasks import train_task
@@ -66,7 +66,7 @@ def check_qat_params(qat: QATParams) -> None:
         raise ConfigError(f"qat.workers must be 0 or more, got {qat.workers}")
 
 
-def finetune(model: QATDetector, dataset: DetectionDataset, qat: QATParams, train: TrainParams,
+def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: TrainParams,
              calibration: np.ndarray, device: torch.device, progress: bool = True) -> FinetuneResult:
     """Fine-tune `model` in place under fake-quant (see the module docstring)."""
     check_qat_params(qat)
@@ -74,17 +74,19 @@ def finetune(model: QATDetector, dataset: DetectionDataset, qat: QATParams, trai
     model.to(device)
     if train.channels_last:
         model.to(memory_format=torch.channels_last)
-    size, imgsz = model.cfg.size, model.cfg.image_size
-    pipeline = PipelineConfig.for_size(size, imgsz, train.resize_range)
-    loader = build_dataloader(TrainDataset(dataset.splits["train"].records, pipeline), qat.batch_size,
-                              num_workers=qat.workers, seed=qat.seed)
+    imgsz = model.cfg.image_size
+    task = train_task(model.cfg.task)  # the model's task: its samples and its loss (segment: Dice masks too)
+    samples, collate_fn = task.parts.train_data(dataset, ModelParams(size=model.cfg.size, imgsz=imgsz,
+                                                                     task=model.cfg.task), train)
+    loader = build_dataloader(samples, qat.batch_size, num_workers=qat.workers, seed=qat.seed, collate_fn=collate_fn)
     iters = loader.batch_sampler.batches_per_epoch()
     lr = qat.lr * qat.batch_size / train.base_batch_size
     schedule = LrSchedule(lr, 0, 0, qat.epochs * iters, lr * train.min_lr_ratio)
     optimizer = build_optimizer(model, lr, train.weight_decay, device)
-    task = train_task(model.cfg.task)  # the model's task loss (segment: the Dice mask loss too)
     criterion = task.loss(model, train)
-    priors = make_priors([(imgsz // s, imgsz // s) for s in model.strides], model.strides, device=device)
+    priors = None
+    if task.parts.uses_priors:
+        priors = make_priors([(imgsz // s, imgsz // s) for s in model.strides], model.strides, device=device)
     result, start, frozen = FinetuneResult(), time.perf_counter(), None
     log.info("QAT: %d epochs x %d iterations, lr %.3g, ranges fixed from epoch %d", qat.epochs, iters, lr,
              qat.freeze_observers_epoch + 1)
@@ -122,7 +124,7 @@ def finetune(model: QATDetector, dataset: DetectionDataset, qat: QATParams, trai
     return result
 
 
-def _step(model: QATDetector, batch: dict[str, Any], criterion: RTMDetLoss, targets: tuple[str, ...],
+def _step(model: QATModel, batch: dict[str, Any], criterion: RTMDetLoss, targets: tuple[str, ...],
           priors: torch.Tensor, optimizer: torch.optim.Optimizer, device: torch.device,
           channels_last: bool) -> torch.Tensor:
     x = model.normalize(batch["images"].to(device, non_blocking=True))

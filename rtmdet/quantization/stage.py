@@ -49,7 +49,7 @@ def evaluate_model(model: torch.nn.Module, dataset: DetectionDataset, device: to
 def run_qat(weights: Path, dataset: DetectionDataset, qat: QATParams, train: TrainParams, export: ExportParams,
             out: QATOutputs | None = None, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
     """Fine-tune `weights` with fake-quant, save qat.pt, export the int8 TFLite, write metrics."""
-    from rtmdet.models.checkpoint import class_names_of, load_model
+    from rtmdet.models.checkpoint import checkpoint_task, class_names_of, load_model
     from rtmdet.quantization.export import calibration_images, export_qat_tflite, save_qat, sha256_of
     from rtmdet.quantization.inspect import output_agreement
     from rtmdet.quantization.model import prepare_qat
@@ -57,6 +57,10 @@ def run_qat(weights: Path, dataset: DetectionDataset, qat: QATParams, train: Tra
 
     check_qat_params(qat)
     out = out or QATOutputs()
+    if checkpoint_task(weights) == "classify":  # a CSPNeXt classifier on a class-folder dataset
+        from rtmdet.quantization.classify import run_qat_classifier
+
+        return run_qat_classifier(weights, dataset, qat, train, export, out, device, progress)
     start = time.perf_counter()
     dev = torch.device(device)
     model, ckpt = load_model(weights, dev, tasks=("detect", "segment"))
