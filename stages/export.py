@@ -9,10 +9,11 @@ from pathlib import Path
 
 from rtmdet.cli import run_stage
 from rtmdet.config import load_params
-from rtmdet.data.prepare import load_prepared
 from rtmdet.errors import ConfigError
 from rtmdet.export.command import export_checkpoint
 from rtmdet.failpoints import kill_point
+from rtmdet.models.checkpoint import checkpoint_task
+from rtmdet.training.tasks import train_task
 
 FORMATS = ("onnx", "tflite_fp32", "tflite_fp16", "tflite_int8")
 OUT = Path("models/export")
@@ -33,7 +34,8 @@ def main() -> None:
         kill_point("export:file")
     precisions = [f.removeprefix("tflite_") for f in formats if f.startswith("tflite_")]
     if precisions:
-        dataset = load_prepared(Path("data/prepared")) if "int8" in precisions else None
+        parts = train_task(checkpoint_task(weights)).parts  # int8 calibrates on the task's train images
+        dataset = parts.load_prepared(Path("data/prepared"), masks=False) if "int8" in precisions else None
         export_checkpoint(weights, "tflite", precisions, data=dataset, calib_images=p.calib_images,
                           int8_io=p.int8_io, out=OUT, calib_seed=p.seed)
     for f in sorted(OUT.iterdir()):

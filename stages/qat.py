@@ -8,16 +8,17 @@ from pathlib import Path
 
 from rtmdet.cli import run_stage
 from rtmdet.config import load_params
-from rtmdet.data.prepare import load_prepared
 from rtmdet.models.checkpoint import checkpoint_task
 from rtmdet.quantization.stage import run_qat
 from rtmdet.training.distributed import resolve_device
+from rtmdet.training.tasks import train_task
 
 
 def main() -> None:
     params = load_params(sections=("train", "export", "qat"))
     qat = params["qat"]
-    dataset = load_prepared(Path("data/prepared"), masks=checkpoint_task(Path("models/best.pt")) == "segment")
+    task = train_task(checkpoint_task(Path("models/best.pt")))  # detect, segment or classify
+    dataset = task.parts.load_prepared(Path("data/prepared"), task.masks)
     run_qat(Path("models/best.pt"), dataset, qat, params["train"], params["export"],
             device=str(resolve_device(qat.device, what="qat.device")))
 

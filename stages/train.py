@@ -13,7 +13,6 @@ from pathlib import Path
 
 from rtmdet.cli import run_stage
 from rtmdet.config import load_params
-from rtmdet.data.prepare import load_prepared
 from rtmdet.fileio import write_atomic
 from rtmdet.training.launch import train_with_teacher
 from rtmdet.training.tasks import train_task
@@ -24,7 +23,8 @@ TEACHER_JSON = Path("reports/train/teacher.json")
 
 def main() -> None:
     params = load_params(sections=("data", "model", "train"))
-    dataset = load_prepared(Path("data/prepared"), masks=train_task(params["model"].task).masks)
+    task = train_task(params["model"].task)
+    dataset = task.parts.load_prepared(Path("data/prepared"), task.masks)
     TEACHER_DIR.mkdir(parents=True, exist_ok=True)  # a DVC output, also when there is no teacher:
     # one line in it says which, so DVC never warns of an empty output folder
     write_atomic(TEACHER_DIR / "teacher.txt", f"train.teacher: {params['train'].teacher or 'null'}\n".encode())

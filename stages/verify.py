@@ -6,15 +6,16 @@ from pathlib import Path
 
 from rtmdet.cli import run_stage
 from rtmdet.config import load_params
-from rtmdet.data.prepare import load_prepared
 from rtmdet.export.verify import run_verify
 from rtmdet.models.checkpoint import checkpoint_task
+from rtmdet.training.tasks import train_task
 
 
 def main() -> None:
     v = load_params(sections=("verify",))["verify"]
-    # A segment model (the checkpoint says) is verified on its masks too.
-    dataset = load_prepared(Path("data/prepared"), masks=checkpoint_task(Path("models/best.pt")) == "segment")
+    # The checkpoint says the task: a segment model is verified on its masks too, a classifier on top-1.
+    task = train_task(checkpoint_task(Path("models/best.pt")))
+    dataset = task.parts.load_prepared(Path("data/prepared"), task.masks)
     run_verify(Path("models/best.pt"), Path("models/export"), Path("models/qat"), dataset,
                Path("reports/metrics/verify.json"), split=v.split, threads=v.threads,
                latency_images=v.latency_images, batch_size=v.batch_size, max_drop=v.max_drop,

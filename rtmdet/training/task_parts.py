@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,28 @@ class BoxParts:
 
     distills = True  # train.teacher works here
     uses_priors = True  # the loss reads the point priors of the model's levels
+
+    def prepare(self, data: DataParams, model: ModelParams, masks: bool, out_dir: Path, reports: Path) -> None:
+        """The prepare stage: validate the COCO dataset, write its normalized copy, statistics and charts,
+        and a grid of augmented training samples."""
+        from rtmdet.data.coco import load_dataset
+        from rtmdet.data.prepare import plot_stats, prepare
+        from rtmdet.data.show import draw_augmented_grid
+        from rtmdet.fileio import write_json_atomic
+
+        splits = data.split_files()
+        dataset = load_dataset(data.root if splits is None else Path(data.root), splits=splits, masks=masks)
+        stats = prepare(dataset, out_dir, model.imgsz, data.num_classes, masks=masks)
+        write_json_atomic(reports / "stats.json", stats)  # images/boxes per class, sizes, skipped per reason
+        plot_stats(stats, reports)
+        draw_augmented_grid(dataset.splits["train"].records, dataset.classes, reports / "augmented.png",
+                            model.imgsz, size=model.size)
+
+    def load_prepared(self, prepared_dir: Path, masks: bool) -> Any:
+        """What the prepare stage wrote, for the later stages."""
+        from rtmdet.data.prepare import load_prepared
+
+        return load_prepared(prepared_dir, masks=masks)
 
     def read_dataset(self, data: DataParams, masks: bool) -> Any:
         from rtmdet.training.build import dataset_from_params
@@ -74,6 +97,19 @@ class ClassParts:
 
     distills = False
     uses_priors = False
+
+    def prepare(self, data: DataParams, model: ModelParams, masks: bool, out_dir: Path, reports: Path) -> None:
+        """The prepare stage: check the class folders (or cut a detection dataset's boxes into them),
+        list them, and write their statistics."""
+        from rtmdet.data.prepare_classes import prepare_classes
+        from rtmdet.fileio import write_json_atomic
+
+        write_json_atomic(reports / "stats.json", prepare_classes(data, out_dir))
+
+    def load_prepared(self, prepared_dir: Path, masks: bool) -> Any:
+        from rtmdet.data.prepare_classes import load_prepared_classes
+
+        return load_prepared_classes(prepared_dir)
 
     def read_dataset(self, data: DataParams, masks: bool) -> Any:
         from rtmdet.data.class_folders import load_class_folders

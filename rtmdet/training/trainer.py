@@ -308,9 +308,10 @@ class _Run(StepMixin, EpochEndMixin):
             self._nonfinite(epoch, k, rows, first_bad)
         self.meter.add(rows)
         if not self.bar.disable:
-            loss, cls, box = self.meter.last[:3]
-            self.bar.set_postfix_str(f"loss {loss:.4f} cls {cls:.4f} bbox {box:.4f} "
-                                     f"lr {self.lr_now:.3g}{self._mem()}", refresh=False)
+            last = dict(zip(LossMeter.NAMES, self.meter.last))
+            parts = "".join(f" {k} {last['loss_' + k]:.4f}" for k in self.task.loss_parts)
+            self.bar.set_postfix_str(f"loss {last['loss']:.4f}{parts} lr {self.lr_now:.3g}{self._mem()}",
+                                     refresh=False)
         self.bar.update(self.pending)
         self.pending = 0
         due = time.monotonic() - self.last_ckpt >= self.p.ckpt_interval_s
