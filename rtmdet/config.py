@@ -160,7 +160,7 @@ class VerifyParams:
 class ReportParams:
     """The `report` stage: reports/README.md and reports/experiments.md."""
 
-    metric: str = "mAP"  # the metric experiments are ranked and charted by (with mAP50)
+    metric: str = "auto"  # the metric experiments are ranked and charted by (auto: mAP, a classifier's top1)
 
 
 SECTIONS: dict[str, type] = {"data": DataParams, "model": ModelParams, "train": TrainParams,

@@ -280,3 +280,27 @@ def test_experiments_in_a_dvc_repository(tmp_path):
     _sh([sys.executable, "-m", "rtmdet", "report"], tmp_path)
     rows = _table((tmp_path / "reports/experiments.md").read_text())
     assert set(rows) == {"main", "long", "lr (this run)"}
+
+
+def test_a_classifiers_report_shows_top1_and_ranks_by_it(tmp_path):
+    params = {**PARAMS, "model": {"size": "tiny", "imgsz": 224, "task": "classify"}, "report": {"metric": "auto"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    reports = tmp_path / "reports"
+    write_json(reports / "metrics/evaluate.json", {"valid": {"top1": 0.91, "top5": 0.99, "precision": 0.9,
+                                                            "recall": 0.88, "f1": 0.89, "num_images": 328}})
+    formats = {name: {"top1": 0.91 - d, "top5": 0.99, "drop": d, "size_mb": 2.0, "latency_ms": 3.0}
+               for name, d in (("torch", 0.0), ("onnx", 0.0), ("tflite_int8", 0.004), ("qat_int8", 0.002))}
+    write_json(reports / "metrics/verify.json", {"split": "val", "task": "classify", "formats": formats})
+    write_json(reports / "metrics/qat.json", {"float": {"top1": 0.91}, "fake_quant": {"top1": 0.905},
+                                              "int8": {"top1": 0.908}, "epochs": 2})
+    write_reports(reports, tmp_path / "params.yaml", project=tmp_path)
+    page = (reports / "README.md").read_text()
+    assert page.startswith("# Run report: CSPNeXt classifier-tiny at 224 px")
+    assert "valid top-1 0.9100, top-5 0.9900 (328 images)" in page
+    assert "| `top1` | top-1 accuracy (classifier) | 0.9100 |" in page
+    assert "| `tflite_int8` | 0.9060 | 0.9900 | 0.0040 | 2.00 | 3.0 |" in page
+    assert "drop = torch top-1 − the format's top-1." in page
+    assert "| the int8 TFLite of the QAT weights | 0.9080 |" in page
+    experiments = (reports / "experiments.md").read_text()
+    assert "valid top1" in experiments and "valid top5" in experiments and "qat_int8 top1" in experiments
+    assert "mAP" not in experiments

@@ -22,18 +22,25 @@ _ABSENT = object()
 
 
 def metric_values(run: Run, metric: str) -> dict[str, float | None]:
-    """A run's compared numbers: `metric` and mAP50 per evaluated split, then each exported
-    format's mAP (torch is left out: it is the evaluate stage's own number again)."""
+    """A run's compared numbers: `metric` and its companion (mAP50, or top5 for a classifier's
+    top-1) per evaluated split, then each exported format's mAP or top-1 (torch is left out: it is
+    the evaluate stage's own number again)."""
     out: dict[str, float | None] = {}
     for split, values in (run.evaluate or {}).items():
         if isinstance(values, dict):
-            for name in dict.fromkeys((metric, "mAP50")):
+            for name in dict.fromkeys((metric, companion(metric))):
                 out[f"{split} {name}"] = _number(values.get(name))
     formats = (run.verify or {}).get("formats")
+    key = "top1" if metric.startswith("top") else "mAP"
     if isinstance(formats, dict):
         for name in format_order([f for f in formats if f != "torch" and isinstance(formats[f], dict)]):
-            out[f"{name} mAP"] = _number(formats[name].get("mAP"))
+            out[f"{name} {key}"] = _number(formats[name].get(key))
     return out
+
+
+def companion(metric: str) -> str:
+    """The second number shown beside the ranking metric: top5 for a classifier's, else mAP50."""
+    return "top5" if metric.startswith("top") else "mAP50"
 
 
 def _number(value: Any) -> float | None:
@@ -101,11 +108,11 @@ def comparison_frame(runs: Sequence[Run], metric: str) -> tuple[pd.DataFrame, st
 
 
 def comparison_figure(frame: pd.DataFrame, rank: str, metric: str) -> Figure:
-    """Horizontal bars per run, best at the top: `metric` and mAP50 of the ranking split."""
+    """Horizontal bars per run, best at the top: `metric` and its companion of the ranking split."""
     from matplotlib.figure import Figure
 
     split = rank.split(" ")[0]
-    cols = list(dict.fromkeys((rank, f"{split} mAP50")))
+    cols = list(dict.fromkeys((rank, f"{split} {companion(metric)}")))
     shown = frame.head(MAX_BARS).iloc[::-1]  # barh draws bottom-up
     n = len(shown)
     fig = Figure(figsize=(9, 1.8 + 0.5 * n * max(1, len(cols) / 2)), layout="constrained")

@@ -49,7 +49,7 @@ def _panels(series: dict[str, pd.Series]) -> list[tuple[str, str, list[str]]]:
     val = pick(lambda leaf, n: n.startswith("val/") and n not in losses)
     rest = [n for n in series if n not in {*losses, *lrs, *val}]
     panels = [("Training loss (epoch mean)", "loss", losses), ("Learning rate (end of epoch)", "lr", lrs),
-              ("Validation", "score (COCO bbox)", val), ("Other", "value", rest)]  # fmt: skip
+              ("Validation", "score (COCO mAP, or top-1)", val), ("Other", "value", rest)]  # fmt: skip
     return [p for p in panels if p[2]]
 
 

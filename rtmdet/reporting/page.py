@@ -29,6 +29,8 @@ MEANING = {
     "precision_at_conf": "precision at the confusion threshold (IoU 0.50)",
     "recall_at_conf": "recall at the confusion threshold", "f1_at_conf": "F1 at the confusion threshold",
     "images_per_s": "inference speed of the evaluate stage", "num_images": "images scored",
+    "top1": "top-1 accuracy (classifier)", "top5": "top-5 accuracy", "precision": "precision, mean over classes",
+    "recall": "recall, mean over classes", "f1": "F1, mean over classes",
 }  # fmt: skip
 EVALUATE_PNGS = (("pr", "Precision-recall curves"), ("pr_mask", "Mask precision-recall curves (segment)"),
                  ("confusion", "Confusion matrix"), ("per_class_ap", "AP per class"),
@@ -39,6 +41,8 @@ PREPARE_PNGS = {"boxes_per_class": "Boxes per class", "box_sizes": "Box sizes",
 FORMAT_COLUMNS = (("mAP", "mAP", 4), ("mAP50", "mAP50", 4), ("drop", "mAP drop vs torch", 4),
                   ("size_mb", "size (MB)", 2), ("latency_ms", "latency (ms / image)", 1))  # fmt: skip
 MASK_FORMAT_COLUMNS = (("mask_mAP", "mask mAP", 4), ("mask_drop", "mask mAP drop", 4))  # a segment model's
+CLS_FORMAT_COLUMNS = (("top1", "top-1", 4), ("top5", "top-5", 4), ("drop", "top-1 drop vs torch", 4),
+                      ("size_mb", "size (MB)", 2), ("latency_ms", "latency (ms / image)", 1))  # a classifier's
 DIGITS = {"images_per_s": 1}  # evaluate.json numbers not shown with 4 decimals
 
 
@@ -63,9 +67,11 @@ def readme_page(reports: Path, evaluate: dict[str, dict[str, Any]], params: dict
 
 def _title(evaluate: dict[str, dict[str, Any]], params: dict[str, Any], run_name: str | None) -> list[str]:
     model = params.get("model")
-    what = f"RTMDet-{model.size} at {model.imgsz} px" if model else "RTMDet"
+    kind = "CSPNeXt classifier" if model and model.task == "classify" else "RTMDet"
+    what = f"{kind}-{model.size} at {model.imgsz} px" if model else "RTMDet"
     head = [f"# Run report: {what}" + (f", experiment `{run_name}`" if run_name else ""), ""]
-    scores = [f"{split} mAP {fmt(v.get('mAP'))}, mAP50 {fmt(v.get('mAP50'))}"
+    scores = [(f"{split} top-1 {fmt(v.get('top1'))}, top-5 {fmt(v.get('top5'))}" if "top1" in v else
+               f"{split} mAP {fmt(v.get('mAP'))}, mAP50 {fmt(v.get('mAP50'))}")
               + (f", mask mAP {fmt(v.get('mask_mAP'))}" if "mask_mAP" in v else "")
               + (f" ({v['num_images']} images)" if v.get("num_images") is not None else "")
               for split, v in evaluate.items()]  # fmt: skip
@@ -81,9 +87,9 @@ def _metrics_section(evaluate: dict[str, dict[str, Any]]) -> list[str]:
     names = list(dict.fromkeys(k for v in evaluate.values() for k in v if "/" not in k))
     rows = [[f"`{n}`", _meaning(n), *(fmt(evaluate[s].get(n), DIGITS.get(n, 4)) for s in splits)]
             for n in names]  # fmt: skip
-    return ["## Metrics", "", "COCO bbox (and for a segment model segm, as mask_*) metrics of `models/best.pt` "
-            "(`metrics/evaluate.json`); "
-            "a dash is a number COCO leaves undefined (no boxes of that size).", "",
+    return ["## Metrics", "", "COCO bbox (and for a segment model segm, as mask_*) metrics, or a classifier's "
+            "accuracy, of `models/best.pt` (`metrics/evaluate.json`); "
+            "a dash is a number left undefined (no boxes of that size, top-5 under 5 classes).", "",
             table(["metric", "meaning", *splits], rows, align="ll" + "r" * len(splits)), ""]  # fmt: skip
 
 
@@ -100,9 +106,11 @@ def _exported_section(reports: Path) -> list[str]:
     formats = data.get("formats") if isinstance(data, dict) else None
     if not isinstance(formats, dict) or not formats:
         return lines + _note(note or f"`{reports / VERIFY}` lists no formats.")
-    columns = FORMAT_COLUMNS
+    columns, score = FORMAT_COLUMNS, "mAP"
     if any(isinstance(r, dict) and "mask_mAP" in r for r in formats.values()):
         columns = columns[:3] + MASK_FORMAT_COLUMNS + columns[3:]
+    if any(isinstance(r, dict) and "top1" in r for r in formats.values()):
+        columns, score = CLS_FORMAT_COLUMNS, "top-1"
     rows = [[f"`{name}`", *(fmt(formats[name].get(key), digits) for key, _, digits in columns)]
             for name in format_order([n for n in formats if isinstance(formats[n], dict)])]  # fmt: skip
     split = data.get("split", "valid")
@@ -111,7 +119,7 @@ def _exported_section(reports: Path) -> list[str]:
            for name in format_order(list(formats)) if name.endswith("int8")
            and isinstance(formats[name], dict) and isinstance(formats[name].get("operators"), dict)]
     return lines + [f"Every format scored on {split} by the same evaluator (`metrics/verify.json`); "
-                    "drop = torch mAP − the format's mAP.", "",
+                    f"drop = torch {score} − the format's {score}.", "",
                     table(["format", *(h for _, h, _ in columns)], rows, align="l" + "r" * len(columns)),
                     "", *(line for op_line in ops for line in (op_line, ""))]  # fmt: skip
 
@@ -123,7 +131,11 @@ def _qat_section(reports: Path) -> list[str]:
     scored = {k: v for k, v in (data or {}).items() if isinstance(v, dict)}
     if not scored:
         return lines + _note(note or f"`{reports / QAT}` holds no scores.")
-    keys = ["mAP", "mAP50"] + (["mask_mAP", "mask_mAP50"] if any("mask_mAP" in v for v in scored.values()) else [])
+    labels["int8"] = "the int8 TFLite of the QAT weights"
+    if any("top1" in v for v in scored.values()):  # a classifier's
+        keys = ["top1"]
+    else:
+        keys = ["mAP", "mAP50"] + (["mask_mAP", "mask_mAP50"] if any("mask_mAP" in v for v in scored.values()) else [])
     rows = [[labels.get(k, k), *(v.get(key) for key in keys)] for k, v in scored.items()]
     return lines + ["`metrics/qat.json`:", "", table(["model", *keys], rows, align="l" + "r" * len(keys)), ""]
 

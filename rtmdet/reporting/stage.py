@@ -41,6 +41,8 @@ def write_reports(reports: str | Path = "reports", params_file: str | Path = "pa
     params = dict(params or load_params(params_file, sections=SECTIONS))
     metric = params.pop("report").metric
     evaluate = read_evaluate(reports)
+    if metric == "auto":  # the task's own number: a classifier's evaluate.json has top1, a detector's mAP
+        metric = "top1" if any("top1" in v for v in evaluate.values()) else "mAP"
     if not any(metric in v for v in evaluate.values()):
         have = ", ".join(k for k in next(iter(evaluate.values())) if "/" not in k)
         raise ConfigError(f"params: report.metric '{metric}' is not in {reports / EVALUATE} (it has: {have})")
