@@ -10,6 +10,9 @@ are the same code for every format and are left out).
 A format whose drop exceeds its limit (`max_drop`, or `int8_max_drop` for the int8 files) fails
 the stage with one line per offending format, after verify.json has been written so the numbers
 can be read.
+
+A classifier checkpoint goes the same way by top-1 instead of mAP (rtmdet.export.verify_classify),
+chosen in run_verify by the checkpoint's task.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rtmdet.data.class_folders import ClassificationDataset
 from rtmdet.data.records import DetectionDataset
 from rtmdet.errors import RTMDetError
 from rtmdet.failpoints import kill_point
@@ -178,11 +182,30 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _is_classifier(weights: Path, dataset) -> bool:
+    """Whether `weights` holds a classifier (the one dispatch point); one line when the dataset is
+    of the other kind."""
+    from rtmdet.models.checkpoint import is_classifier_checkpoint, read_checkpoint
+
+    classifier = is_classifier_checkpoint(read_checkpoint(weights))
+    if classifier != isinstance(dataset, ClassificationDataset):
+        model, data = ("a classifier", "a detection dataset") if classifier else ("a detector", "class folders")
+        raise VerifyError(f"{weights}: {model} checkpoint, but the dataset given is {data}")
+    return classifier
+
+
 def run_verify(weights: str | Path, export_dir: str | Path | None, qat_dir: str | Path | None,
-               dataset: DetectionDataset, out: str | Path, *, split: str = "valid", threads: int = 2,
-               latency_images: int = 50, batch_size: int = 8, max_drop: float = 0.02,
+               dataset: DetectionDataset | ClassificationDataset, out: str | Path, *, split: str = "valid",
+               threads: int = 2, latency_images: int = 50, batch_size: int = 8, max_drop: float = 0.02,
                int8_max_drop: float = 0.05) -> dict[str, Any]:
-    """Score everything, write `out` (verify.json), then fail if a format drifted too far."""
+    """Score everything, write `out` (verify.json), then fail if a format drifted too far. A
+    classifier checkpoint is verified by top-1 on a class-folder dataset (verify_classify)."""
+    if _is_classifier(Path(weights), dataset):
+        from rtmdet.export.verify_classify import run_verify_classifier
+
+        return run_verify_classifier(weights, export_dir, qat_dir, dataset, out, split=split, threads=threads,
+                                     latency_images=latency_images, batch_size=batch_size, max_drop=max_drop,
+                                     int8_max_drop=int8_max_drop)
     exports = find_exports(export_dir, qat_dir)
     scores = verify(weights, exports, dataset, split=split, threads=threads, latency_images=latency_images,
                     batch_size=batch_size)
