@@ -13,6 +13,8 @@ Layout under out_dir (the pipeline points it at reports/):
   evaluate/pr_<split>.png, confusion_<split>.png, per_class_ap_<split>.png, worst_<split>.png
   a segment model's: mask_* metrics, mask_AP/mask_AP50 columns, pr_mask_<split>.json/.png, and
   masks tinted in the worst-images grid
+A classifier checkpoint (meta task "classify") is scored on a class-folder dataset by
+rtmdet.evaluation.classify_stage instead: the same metrics file and folder, its own reports.
 Every file is written to a temporary name in its folder and renamed, so a killed stage never
 leaves a half-written file. JSON never holds NaN: undefined numbers are null.
 """
@@ -28,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from rtmdet.data.class_folders import ClassificationDataset
 from rtmdet.data.records import DetectionDataset, DetectionSplit
 from rtmdet.errors import DataError
+from rtmdet.evaluation.classification import ClassificationResult
 from rtmdet.fileio import json_safe, write_atomic, write_json_atomic  # noqa: F401 (re-exported)
 from rtmdet.evaluation.coco_eval import EvalResult, evaluate_detector
 from rtmdet.evaluation.confusion import ConfusionMatrix, confusion_matrix, image_errors, rank_worst
@@ -46,16 +50,24 @@ PER_CLASS_COLUMNS = ("class", "category_id", "num_gt", "absent", "AP", "AP50",
 
 
 def run_evaluation(
-    weights: str | Path, data: str | Path | DetectionDataset, out_dir: str | Path,
+    weights: str | Path, data: str | Path | DetectionDataset | ClassificationDataset, out_dir: str | Path,
     splits: Sequence[str] = ("valid", "test"), device: str = "cpu", score_thr_confusion: float = 0.3,
     grid_images: int = 16, batch_size: int = 8, image_size: int | None = None,
     iou_thr_confusion: float = 0.5, require_all: bool = False, progress: bool = True,
-) -> dict[str, EvalResult]:  # fmt: skip
+) -> dict[str, EvalResult] | dict[str, ClassificationResult]:  # fmt: skip
     """Score checkpoint `weights` on each split of `splits` the dataset has and write the reports
-    (see the module docstring). Missing splits are skipped unless require_all."""
+    (see the module docstring). Missing splits are skipped unless require_all. A classifier
+    checkpoint goes to classify_stage.evaluate_classifier (the thresholds do not apply to it)."""
     from rtmdet.data.coco import load_dataset
     from rtmdet.inference.predictor import Detector
+    from rtmdet.models.checkpoint import is_classifier_checkpoint, read_checkpoint
 
+    if is_classifier_checkpoint(read_checkpoint(weights)):
+        from rtmdet.evaluation.classify_stage import evaluate_classifier
+
+        return evaluate_classifier(weights, data, out_dir, splits, device=device, grid_images=grid_images,
+                                   batch_size=batch_size, image_size=image_size, require_all=require_all,
+                                   progress=progress)  # fmt: skip
     detector = Detector.from_checkpoint(weights, device=device, image_size=image_size, batch_size=batch_size)
     # A segment model (the checkpoint says) is scored by its masks too: the data with its masks.
     masks = detector.task == "segment"
