@@ -37,6 +37,29 @@ from rtmdet.inference.postprocess_ins import InsPostprocessConfig, postprocess_i
 CACHE_BYTES = 2 << 30  # 2 GiB of uint8 canvases: COCO's 5,000 val images at 416 px, facemask's at 2,000+
 
 
+class BatchCache:
+    """A validation loader's batches, kept after the first whole pass when `keep` (they fit in
+    memory): later validations reuse them without decoding. A pass cut short leaves it incomplete,
+    and the next pass reads the loader again."""
+
+    def __init__(self, loader: Any, keep: bool):
+        self.loader = loader
+        self.batches: list[dict[str, Any]] | None = [] if keep else None
+        self.complete = False
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.complete:
+            yield from self.batches
+            return
+        if self.batches is not None:
+            self.batches.clear()
+        for batch in self.loader:  # pinned already when CUDA is there (build_dataloader)
+            if self.batches is not None:
+                self.batches.append(batch)
+            yield batch
+        self.complete = self.batches is not None
+
+
 class Validator:
     """Scores a model on one split; build once per training run, call after the epochs that validate."""
 
@@ -64,29 +87,25 @@ class Validator:
         fits = len(records) * 3 * imgsz * imgsz <= cache_bytes
         self.loader = build_dataloader(ValDataset(records, imgsz), batch_size, num_workers=workers,
                                        persistent_workers=not fits and workers > 0)
-        self.cache: list[dict[str, Any]] | None = [] if fits else None
-        self.cached = False  # the cache holds the whole share (a validation cut short leaves it partial)
+        self.batches = BatchCache(self.loader, keep=fits)
         self.seconds: dict[str, float] = {}  # where the last validation spent its time
         self.background = background
         # Start the loader's workers now, before torch.compile's machinery (threads, compile
         # workers) is loaded: forking a process that runs threads can deadlock the child.
         if fits:
-            for _ in self._batches():
+            for _ in self.batches:
                 pass
         elif workers > 0:
             iter(self.loader)
 
-    def _batches(self) -> Iterator[dict[str, Any]]:
-        if self.cached:
-            yield from self.cache
-            return
-        if self.cache is not None:
-            self.cache.clear()
-        for batch in self.loader:  # pinned already when CUDA is there (build_dataloader)
-            if self.cache is not None:
-                self.cache.append(batch)
-            yield batch
-        self.cached = self.cache is not None
+    @property
+    def cache(self) -> list[dict[str, Any]] | None:
+        return self.batches.batches
+
+    @property
+    def cached(self) -> bool:
+        """The cache holds the whole share."""
+        return self.batches.complete
 
     def __call__(self, model: nn.Module) -> dict[str, Any] | None:
         """COCO metrics of `model` (EvalResult.to_metrics()); the model's train/eval mode is kept.
@@ -142,7 +161,7 @@ class Validator:
         start = time.perf_counter()
         parts, seen, model_s, post_s = [], 0, 0.0, 0.0
         rles: list[dict] | None = [] if self.masks else None
-        for batch in self._batches():
+        for batch in self.batches:
             t0 = time.perf_counter()
             images = batch["images"].to(self.device, non_blocking=True)
             outputs = model(model.normalize(images))  # the segment task's model also gives kernels, mask features

@@ -10,7 +10,7 @@ and rank 0 gathers the logits.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -23,6 +23,7 @@ from rtmdet.data.class_folders import ClassImage
 from rtmdet.data.class_loader import ClassValDataset, collate_classes
 from rtmdet.data.loader import build_dataloader
 from rtmdet.evaluation.classification import classification_result
+from rtmdet.training.validate import BatchCache
 
 CACHE_BYTES = 2 << 30
 
@@ -40,24 +41,11 @@ class ClassValidator:
         fits = len(share) * 3 * imgsz * imgsz <= cache_bytes
         self.loader = build_dataloader(ClassValDataset(share, imgsz), batch_size, num_workers=workers,
                                        persistent_workers=not fits and workers > 0, collate_fn=collate_classes)
-        self.cache: list[dict[str, Any]] | None = [] if fits else None
-        self.cached = False
+        self.batches = BatchCache(self.loader, keep=fits)
         self.seconds: dict[str, float] = {}
         if fits:
-            for _ in self._batches():
+            for _ in self.batches:
                 pass
-
-    def _batches(self) -> Iterator[dict[str, Any]]:
-        if self.cached:
-            yield from self.cache
-            return
-        if self.cache is not None:
-            self.cache.clear()
-        for batch in self.loader:
-            if self.cache is not None:
-                self.cache.append(batch)
-            yield batch
-        self.cached = self.cache is not None
 
     @torch.inference_mode()
     def infer(self, model: nn.Module) -> np.ndarray:
@@ -66,7 +54,7 @@ class ClassValidator:
         model.eval()
         start = time.perf_counter()
         parts = []
-        for batch in self._batches():
+        for batch in self.batches:
             images = batch["images"].to(self.device, non_blocking=True)
             parts.append(model(model.normalize(images)).float())
         logits = torch.cat(parts).cpu().numpy() if parts else np.zeros((0, len(self.classes)), np.float32)
