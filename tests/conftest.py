@@ -79,6 +79,32 @@ def random_detector_checkpoint(path: Path, size: str = "nano", classes=("cat", "
     return path
 
 
+def fit_classifier(images: Sequence, num_classes: int, size: int, steps: int):
+    """A nano classifier fitted for `steps` full-batch AdamW steps on class-folder images (ClassImage),
+    its BN statistics then set from those images: its predictions differ between images (an
+    untrained net says one class for all). Returned in eval mode."""
+    from rtmdet.export.classify import load_images
+    from rtmdet.models import build_classifier
+
+    torch.manual_seed(0)
+    net = build_classifier("nano", num_classes, image_size=size)
+    x = net.normalize(torch.from_numpy(load_images([im.file for im in images], size)).permute(0, 3, 1, 2))
+    y = torch.tensor([im.label for im in images])
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    net.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average: one pass gives the images' statistics
+    with torch.no_grad():
+        net(x)
+    return net.eval()
+
+
 def _gloo_rank(target, rank: int, world: int, port: int, out) -> None:
     import torch.distributed as dist
 

@@ -77,29 +77,12 @@ def dataset(workdir) -> Path:
 def fitted(workdir, dataset):
     """A nano classifier fitted for 8 full-batch AdamW steps (val top-1 0.875 here: its logits mean
     something), BN statistics then set from the train images, and its checkpoint."""
+    from conftest import fit_classifier
     from rtmdet.data.class_folders import load_class_folders
-    from rtmdet.export.classify import load_images
-    from rtmdet.models import build_classifier
     from rtmdet.models.checkpoint import save_classifier_checkpoint
 
-    torch.manual_seed(0)
-    model = build_classifier("nano", len(CLASSES), image_size=SIZE)
-    train = load_class_folders(dataset).splits["train"].images
-    x = model.normalize(torch.from_numpy(load_images([im.file for im in train], SIZE)).permute(0, 3, 1, 2))
-    y = torch.tensor([im.label for im in train])
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(8):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average: one pass gives the train images' statistics
-    with torch.no_grad():
-        model(x)
-    path = save_classifier_checkpoint(model.eval(), list(CLASSES), workdir / "cls_nano.pt")
+    model = fit_classifier(load_class_folders(dataset).splits["train"].images, len(CLASSES), SIZE, steps=8)
+    path = save_classifier_checkpoint(model, list(CLASSES), workdir / "cls_nano.pt")
     return model, path
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from conftest import random_detector_checkpoint
 
@@ -58,27 +57,9 @@ def model(dataset):
     """Fitted for a few full-batch steps, BN statistics then set from the train images, so its
     predictions differ between images (an untrained net says one class for all, which any file
     would score alike)."""
-    from rtmdet.export.classify import load_images
-    from rtmdet.models import build_classifier
+    from conftest import fit_classifier
 
-    torch.manual_seed(0)
-    net = build_classifier("nano", len(CLASSES), image_size=SIZE)
-    train = dataset.splits["train"].images
-    x = net.normalize(torch.from_numpy(load_images([im.file for im in train], SIZE)).permute(0, 3, 1, 2))
-    y = torch.tensor([im.label for im in train])
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    net.train()
-    for _ in range(6):
-        loss = torch.nn.functional.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-        bn.reset_running_stats()
-        bn.momentum = None  # a cumulative average: one pass gives the train images' statistics
-    with torch.no_grad():
-        net(x)
-    return net.eval()
+    return fit_classifier(dataset.splits["train"].images, len(CLASSES), SIZE, steps=6)
 
 
 @pytest.fixture(scope="module")
