@@ -232,6 +232,20 @@ def test_qat_checkpoint_without_model_config(qat_file, tmp_path):
     _one_line(info.value, bad)
 
 
+def test_qat_checkpoint_of_an_older_simulation_is_refused_in_one_line(qat_file, tmp_path):
+    import torch
+
+    from rtmdet.quantization.export import load_qat
+
+    ckpt = torch.load(qat_file, weights_only=True)
+    ckpt["meta"]["qat"]["format"] = 1  # before channel attention's gate was simulated as TFLite runs it
+    old = tmp_path / "qat.pt"
+    torch.save(ckpt, old)
+    with pytest.raises(CheckpointError) as info:
+        load_qat(old)
+    assert "run the qat stage again" in _one_line(info.value, old)
+
+
 # ---------------------------------------------------------------- exported files
 
 

@@ -218,8 +218,22 @@ def test_int8_tflite_has_exactly_the_trained_scales(tuned, exported, calib):
         assert m.tflite_zero_point == m.torch_zero_point, m
 
 
+@pytest.fixture(scope="module")
+def silu_export(tmp_path_factory, dataset, calib):
+    """A SiLU nano with channel attention and mean/std input (the tiny..x paths), calibrated,
+    not trained, and its int8 file."""
+    from rtmdet.quantization.export import export_qat_tflite
+
+    model = prepare_qat(_lively_model(calib, act="silu", channel_attention=True, normalization="imagenet"))
+    calibrate(model, calib)
+    out = tmp_path_factory.mktemp("silu") / "silu_int8.tflite"
+    export_qat_tflite(model, out, calib, [Path(f"calib_{i}.jpg") for i in range(len(calib))],
+                      classes=dataset.classes, category_ids=dataset.category_ids, source={"qat": True})
+    return model, out
+
+
 @needs_tflite
-def test_silu_attention_and_mean_std_quantize_as_the_file_does(tmp_path, dataset, calib):
+def test_silu_attention_and_mean_std_quantize_as_the_file_does(silu_export, calib):
     """The paths of the tiny..x sizes (SiLU as LOGISTIC at TFLite's fixed 1/256 scale then MUL,
     channel attention, mean/std input normalization), not trained: the scales of the file.
 
@@ -228,20 +242,38 @@ def test_silu_attention_and_mean_std_quantize_as_the_file_does(tmp_path, dataset
     found (the bottom-up concat's in the trained SiLU nano and tiny on facemask at 192/320,
     the top-down one's in this 64 px model); at 192 px a conv before a residual add was off
     by 3.5% instead. So: at most 2 of ~200 differ, each by under 30%."""
-    from rtmdet.quantization.export import export_qat_tflite
     from rtmdet.quantization.inspect import match_scales
 
-    model = prepare_qat(_lively_model(calib, act="silu", channel_attention=True, normalization="imagenet"))
-    calibrate(model, calib)
-    out = tmp_path / "silu_int8.tflite"
-    export_qat_tflite(model, out, calib, [Path(f"calib_{i}.jpg") for i in range(len(calib))],
-                      classes=dataset.classes, category_ids=dataset.category_ids, source={"qat": True})
+    model, out = silu_export
     matches = match_scales(model, out, calib[:1])
     assert len(matches) == sum(1 for _, q in quantizers(model) if q.fixed is None)
-    assert any("attention" in m.quantizer for m in matches), [m.quantizer for m in matches][:20]
+    assert any("attention.q_fc" in m.quantizer for m in matches), [m.quantizer for m in matches][:20]
     off = [m for m in matches if m.tflite_scale != pytest.approx(m.torch_scale, rel=1e-5)
            or m.tflite_zero_point != m.torch_zero_point]
     assert len(off) <= 2 and all(abs(m.ratio - 1) < 0.3 for m in off), off
+
+
+@needs_tflite
+def test_the_files_normalized_input_is_the_fake_quant_models_to_the_step(silu_export, calib):
+    """(x - mean) / std is one int8 op in the file (rtmdet.export.onnx.input_normalization), so
+    its values are the fake-quant q_norm's, pixel for pixel. As a SUB then a MUL, the difference
+    was rounded on its own first (a step of 1.08 pixel levels): a third of the values were 1 step off."""
+    from rtmdet.export.backends import quantize
+    from rtmdet.quantization.inspect import _interpreter, match_scales
+
+    model, out = silu_export
+    (match,) = [m for m in match_scales(model, out, calib[:1]) if m.quantizer == "q_norm"]
+    interp = _interpreter(out, preserve=True)
+    inp = interp.get_input_details()[0]
+    interp.set_tensor(inp["index"], quantize(calib[:1].astype(np.float32), inp))
+    interp.invoke()
+    (detail,) = [d for d in interp.get_tensor_details() if d["name"] == match.tensor]
+    file_steps = interp.get_tensor(detail["index"]).astype(np.int32).reshape(1, SIZE, SIZE, 3)
+    with torch.no_grad():
+        ours = model.normalize(torch.from_numpy(calib[:1]).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    scale, zero = model.q_norm.scale_zero_point()
+    our_steps = torch.round(ours / scale).int().numpy() + int(zero)
+    assert np.mean(file_steps != our_steps) < 0.01, np.mean(file_steps != our_steps)
 
 
 @needs_tflite

@@ -122,6 +122,8 @@ def _wrapper(model: "CSPNeXtClassifier"):
     import torch
     from torch import nn
 
+    from rtmdet.export.onnx import input_normalization
+
     class ClassifierExportWrapper(nn.Module):
         """Raw BGR pixels 0..255 in, logits out (normalization is the graph's first op).
 
@@ -137,12 +139,11 @@ def _wrapper(model: "CSPNeXtClassifier"):
             with torch.no_grad():
                 first = net.backbone.stem[0].conv
                 first.weight.copy_(first.weight.flip(1))
-            self.register_buffer("mean", net.mean.flip(1).clone())
-            self.register_buffer("std", net.std.flip(1).clone())
+            self.normalize = input_normalization(net.mean.flip(1), net.std.flip(1))  # one op: see there
             self.net = net
 
         def forward(self, images):
-            return self.net((images - self.mean) / self.std)
+            return self.net(self.normalize(images))
 
     return ClassifierExportWrapper()
 

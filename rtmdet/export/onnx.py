@@ -70,6 +70,36 @@ def all_output_names(model: "RTMDet") -> list[str]:
     return cls_names + reg_names + ker_names + [mask_name]
 
 
+def input_normalization(mean: "torch.Tensor", std: "torch.Tensor") -> "torch.nn.Module":
+    """The export graph's (x - mean) / std as ONE op: a per-channel 1x1 convolution (weight 1/std,
+    bias -mean/std), or a multiply when the mean is 0 (x / 255).
+
+    Written as a subtraction and a division, TF's int8 converter gives the difference its own int8
+    tensor: x - mean spans ~275 values, a step of 1.08 pixel levels, rounded again by the
+    division. One op has one int8 output: the single rounding the fake-quant model simulates
+    (rtmdet.quantization.model: q_input, q_norm). On a trashnet CSPNeXt-tiny classifier the
+    two roundings put a third of the normalized pixels 1 step off the simulation's."""
+    import torch
+    from torch import nn
+
+    class Scale(nn.Module):
+        def __init__(self, factor: torch.Tensor):
+            super().__init__()
+            self.register_buffer("factor", factor.view(1, -1, 1, 1).clone())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.factor
+
+    mean, std = mean.detach().float().reshape(-1), std.detach().float().reshape(-1)
+    if not bool(mean.any()):
+        return Scale(1.0 / std)
+    conv = nn.Conv2d(len(mean), len(mean), 1, groups=len(mean))
+    with torch.no_grad():
+        conv.weight.copy_((1.0 / std).view(-1, 1, 1, 1))
+        conv.bias.copy_(-mean / std)
+    return conv.eval()
+
+
 def _wrapper(model: "RTMDet", layout: str = "flat"):
     from torch import nn
 
@@ -85,9 +115,10 @@ def _wrapper(model: "RTMDet", layout: str = "flat"):
             # units with no extra op in the graph (the Mul by 1 is folded away).
             net.bbox_head.strides = (1,) * len(net.strides)
             self.net = net
+            self.normalize = input_normalization(net.mean, net.std)
 
         def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            outputs = self.net(self.net.normalize(images))
+            outputs = self.net(self.normalize(images))
             maps = [*outputs[0], *outputs[1]]
             if len(outputs) == 4:  # segment: kernels per level, then the mask features
                 maps += [*outputs[2], outputs[3]]

@@ -28,7 +28,7 @@ from rtmdet.quantization.model import QATDetector, prepare_qat, to_float_model, 
 
 log = logging.getLogger(__name__)
 
-QAT_FORMAT = 1
+QAT_FORMAT = 2  # 2: channel attention's fc output quantized before the clip (q_fc), its gate at 1/255
 
 
 def calibration_images(dataset: DetectionDataset, count: int, seed: int,
@@ -61,6 +61,9 @@ def load_qat(path: str | Path, device: str | torch.device = "cpu") -> tuple[QATD
     meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
     if not isinstance(meta.get("qat"), dict) or not isinstance(ckpt.get("quantizers"), dict):
         raise CheckpointError(f"{path}: not a QAT checkpoint (no quantizer ranges); QAT writes models/qat/qat.pt")
+    if meta["qat"].get("format") != QAT_FORMAT:
+        raise CheckpointError(f"{path}: QAT checkpoint format {meta['qat'].get('format')}, this rtmdet reads "
+                              f"{QAT_FORMAT} (its int8 simulation changed); run the qat stage again")
     folded = fuse_conv_bn(RTMDet(_qat_config(path, meta)))
     try:
         folded.load_state_dict(with_aliases(extract_state_dict(ckpt, path), folded), strict=True)

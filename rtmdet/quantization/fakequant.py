@@ -160,22 +160,27 @@ class QConv2d(nn.Conv2d):
 
 
 class QChannelAttention(nn.Module):
-    """Channel attention with each TFLite tensor quantized: pooled mean, fc + Hardsigmoid, product.
-    (Only the SiLU sizes have it; its TFLite form was not measured.)"""
+    """Channel attention as TF's converter writes it (read from a tiny classifier's int8 file):
+    MEAN (int8), CONV_2D with Hardsigmoid's linear part x / 6 + 1/2 folded into its weights and
+    bias (int8, its own calibrated range, before the clip), RELU_0_TO_1 (fixed scale 1/255, zero
+    point -128), then the MUL by the input (int8)."""
 
     def __init__(self, module: ChannelAttention):
         super().__init__()
+        if not isinstance(module.act, nn.Hardsigmoid):
+            raise ValueError(f"QChannelAttention simulates a Hardsigmoid gate, not {type(module.act).__name__}")
         self.global_avgpool = module.global_avgpool
         self.fc = module.fc
-        self.act = module.act
-        self.q_pool, self.q_gate, self.q = ActQuant(), ActQuant(), ActQuant()
+        self.act = module.act  # kept for its name; the forward writes Hardsigmoid out as TFLite runs it
+        self.q_pool, self.q_fc, self.q = ActQuant(), ActQuant(), ActQuant()
+        self.q_gate = ActQuant(fixed=(1.0 / 255.0, -128))
         self.quantize_weights = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self.q_pool(self.global_avgpool(x))
         w = fake_quant_weight(self.fc.weight, self.quantize_weights)
-        gate = self.q_gate(self.act(F.conv2d(pooled, w, self.fc.bias)))
-        return self.q(x * gate)
+        linear = self.q_fc(F.conv2d(pooled, w, self.fc.bias) / 6.0 + 0.5)  # Hardsigmoid = clip(x / 6 + 1/2, 0, 1)
+        return self.q(x * self.q_gate(linear.clamp(0.0, 1.0)))
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuant]]:

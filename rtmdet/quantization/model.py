@@ -4,7 +4,8 @@ Where the quantizers go, and why (what onnx2tf 2.6.9 + TF's converter make of ou
 read from the .tflite files; see rtmdet.quantization.inspect):
 
 * the float input (QUANTIZE: raw pixels 0..255, scale 1 when calibration spans 0..255) and the
-  normalization (a MUL by 1/255 for nano, its own int8 output);
+  normalization, one op in the export (a MUL by 1/255 for nano, a per-channel 1x1 conv for
+  mean/std: rtmdet.export.onnx.input_normalization), its own int8 output;
 * after every conv + BN + activation (BN folded, ReLU/ReLU6 fused into the conv: one tensor),
   the head's class and box predictors (outputs: class logits, not sigmoid scores, and box
   distances before the stride multiply, which the export folds away), every residual add,
@@ -18,8 +19,9 @@ read from the .tflite files; see rtmdet.quantization.inspect):
 Checked tensor by tensor (`match_scales`): on the nano (ReLU6, no channel attention, x/255)
 every one of its 108 scales and zero points equals the .tflite's. So do all 190 of the SiLU
 nano and 187 of 188 of the tiny (SiLU, channel attention, mean/std input) QAT-trained on
-facemask; the odd one is a channel-attention gate, a [1, C] tensor paired by correlation among
-many of that size. The neck's reduced maps feed two concats (one through an upsample) and the
+facemask; the odd one was a channel-attention gate, simulated then as one quantized Hardsigmoid
+output where the file has the pre-clip conv output and a fixed-scale RELU_0_TO_1
+(QChannelAttention now does as the file does). The neck's reduced maps feed two concats (one through an upsample) and the
 file gives them one concat's scale: the bottom-up one's in those models (as `_tied_ranges`
 does), the top-down one's in a random 64 px SiLU model (off by 1-24%), by no rule we found.
 """
