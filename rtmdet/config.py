@@ -139,6 +139,9 @@ class QATParams:
     # converter computes them) before each epoch up to this one (0-based), then stay fixed.
     # BatchNorm is folded into the convs before QAT, as TFLite runs it: there is none to freeze.
     freeze_observers_epoch: int = 3
+    # Classifiers: fine-tune toward the float model's own softmax on each batch (knowledge
+    # distillation) instead of the labels. Detectors always train on their labels.
+    distill: bool = True
     workers: int = 2
     seed: int = 0
     device: str = "auto"

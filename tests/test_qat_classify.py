@@ -87,3 +87,41 @@ def test_qat_stage_on_a_classifier_writes_qat_pt_the_int8_file_and_metrics(tmp_p
     assert set(metrics) >= {"float", "fake_quant", "int8"}
     sidecar = json.loads(Path(str(out.tflite).removesuffix(".tflite") + ".json").read_text())
     assert sidecar["task"] == "classify" and sidecar["precision"] == "int8" and sidecar["source"]["qat"] is True
+
+
+def _qat_agreement(model, dataset, teacher) -> float:
+    """How often the fake-quant model's top-1 equals the float model's on the train images, after
+    a short fine-tune at a high lr."""
+    from rtmdet.export.classify import load_images
+    from rtmdet.quantization.qat import finetune
+
+    images = load_images([im.file for im in dataset.splits["train"].images], 32)
+    q = prepare_qat_classifier(model)
+    finetune(q, dataset, QATParams(epochs=2, lr=0.003, batch_size=4, workers=0, freeze_observers_epoch=0),
+             TrainParams(base_batch_size=4, channels_last=False), images.astype(np.float32), torch.device("cpu"),
+             progress=False, teacher=teacher)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return float((q.eval()(q.normalize(x)).argmax(1) == model(model.normalize(x)).argmax(1)).float().mean())
+
+
+def test_distilled_qat_keeps_the_float_models_answers_where_label_qat_leaves_them(tmp_path):
+    # A random classifier's answers are not the labels: fine-tuned on the labels the int8 model
+    # learns the colours instead; fine-tuned on the float model's softmax (qat.distill) it keeps
+    # the float model's answers, which is what an int8 copy is for.
+    dataset = load_class_folders(make_colors(tmp_path / "colors", train=6, val=3, size=(32, 32)))
+    model = _trained_like()
+    assert _qat_agreement(model, dataset, teacher=model) >= 0.9
+    assert _qat_agreement(model, dataset, teacher=None) <= 0.5
+
+
+def test_a_teacher_is_refused_for_a_detector(tmp_path):
+    from rtmdet.errors import ConfigError
+    from rtmdet.models import build_model
+    from rtmdet.quantization.model import prepare_qat
+    from rtmdet.quantization.qat import finetune
+
+    detector = build_model("nano", 2, image_size=64).eval()
+    with pytest.raises(ConfigError, match="qat.distill"):
+        finetune(prepare_qat(detector), None, QATParams(epochs=1, batch_size=2, workers=0), TrainParams(),
+                 np.zeros((1, 64, 64, 3), np.float32), torch.device("cpu"), progress=False, teacher=detector)

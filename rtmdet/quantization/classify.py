@@ -5,7 +5,8 @@ folded into the stem conv, mean/std in BGR order: rtmdet.export.classify), BN fo
 with the detector's quantizers (convs, concats, residual adds: rtmdet.quantization.model) and two
 of its own: the global average pool's output (TFLite MEAN) and the logits (FULLY_CONNECTED, its
 weights int8 per output channel as TF's converter writes them). Fine-tuning is
-rtmdet.quantization.qat.finetune (the classify task's stage-2 samples, its loss); the int8 file is
+rtmdet.quantization.qat.finetune (the classify task's stage-2 samples; the float model's softmax as
+the targets, qat.distill, or the labels with the task's loss); the int8 file is
 the ordinary classifier export of the tuned float weights, calibrated on the same images, which
 reproduces the trained ranges (the same argument as for detectors, rtmdet.quantization.export).
 """
@@ -31,6 +32,7 @@ from rtmdet.fileio import write_json_atomic
 from rtmdet.models.checkpoint import CLASSIFY, save_atomic
 from rtmdet.models.classifier import CSPNeXtClassifier
 from rtmdet.models.fuse import fuse_conv_bn
+from rtmdet.quantization.export import QAT_FORMAT
 from rtmdet.quantization.fakequant import fake_quant_weight
 from rtmdet.quantization.model import QATModel, quantized_graph, with_aliases
 
@@ -94,7 +96,7 @@ def to_float_classifier(model: QATClassifier) -> CSPNeXtClassifier:
 def qat_classifier_checkpoint(model: QATClassifier, classes: list[str], qat_meta: dict[str, Any]) -> dict[str, Any]:
     """qat.pt of a classifier: BN-folded float weights (BGR-input stem), quantizer ranges, meta."""
     meta = {"task": CLASSIFY, "classifier": model.cfg.to_dict(), "dataset_meta": {"classes": list(classes)},
-            "qat": {"format": 1, "bn_folded": True, "bgr_input": True, "ties": dict(model.ties), **qat_meta}}
+            "qat": {"format": QAT_FORMAT, "bn_folded": True, "bgr_input": True, "ties": dict(model.ties), **qat_meta}}
     return {"state_dict": model.float_state_dict(), "quantizers": model.ranges(), "meta": meta}
 
 
@@ -135,7 +137,7 @@ def run_qat_classifier(weights: Path, dataset, qat: QATParams, train: TrainParam
     calib, files = classifier_calibration(dataset, export.calib_images, model.cfg.image_size, export.seed)
     float_top1 = score_classifier(model, dataset, "val").top1
     qmodel = prepare_qat_classifier(model)
-    tuned = finetune(qmodel, dataset, qat, train, calib, dev, progress)
+    tuned = finetune(qmodel, dataset, qat, train, calib, dev, progress, teacher=model if qat.distill else None)
     qmodel.cpu().eval()
     fq_top1 = score_classifier(qmodel, dataset, "val").top1
     log.info("top-1 on val: float %.4f, fake-quant %.4f", float_top1, fq_top1)

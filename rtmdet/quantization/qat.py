@@ -5,7 +5,10 @@ Schedule (epochs 0-based, F = qat.freeze_observers_epoch):
     (global min/max over the export's calibration images, float model); from epoch F on the
     ranges stay fixed, so the last epochs adapt the weights to one fixed int8 grid;
   * every step: the task's stage-2 samples (no mosaic/mixup; a classifier's: no RandAugment or
-    Mixup/CutMix) and its loss (RTMDetLoss, ...), AdamW over the folded weights
+    Mixup/CutMix) and its loss (RTMDetLoss, ...), or, given a `teacher` (classifiers,
+    qat.distill), the cross-entropy with the float teacher's softmax on the same batch
+    (knowledge distillation: the int8 model learns the float model's answers, not the labels,
+    so fine-tuning cannot drift from the model it quantizes), AdamW over the folded weights
     (no BN left to freeze), lr on a cosine from qat.lr down to train.min_lr_ratio x qat.lr;
   * after the last epoch: one more calibration with the final weights: the converter
     calibrates the weights it is given, so these are the ranges the int8 file will have.
@@ -33,6 +36,7 @@ from rtmdet.failpoints import kill_point
 from rtmdet.quantization.model import QATModel, calibrate
 from rtmdet.training.build import seed_everything
 from rtmdet.training.losses import RTMDetLoss, make_priors
+from rtmdet.training.losses_cls import ClassifierLoss
 from rtmdet.training.tasks import train_task
 from rtmdet.training.optim import LrSchedule, build_optimizer, set_lr
 
@@ -67,9 +71,13 @@ def check_qat_params(qat: QATParams) -> None:
 
 
 def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: TrainParams,
-             calibration: np.ndarray, device: torch.device, progress: bool = True) -> FinetuneResult:
-    """Fine-tune `model` in place under fake-quant (see the module docstring)."""
+             calibration: np.ndarray, device: torch.device, progress: bool = True,
+             teacher: torch.nn.Module | None = None) -> FinetuneResult:
+    """Fine-tune `model` in place under fake-quant (see the module docstring); `teacher`: a float
+    classifier whose softmax replaces the labels."""
     check_qat_params(qat)
+    if teacher is not None and model.cfg.task != "classify":
+        raise ConfigError(f"qat.distill: a float teacher fine-tunes classifiers only, not a {model.cfg.task} model")
     seed_everything(qat.seed)
     model.to(device)
     if train.channels_last:
@@ -84,6 +92,9 @@ def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: 
     schedule = LrSchedule(lr, 0, 0, qat.epochs * iters, lr * train.min_lr_ratio)
     optimizer = build_optimizer(model, lr, train.weight_decay, device)
     criterion = task.loss(model, train)
+    if teacher is not None:
+        teacher.to(device).eval()
+        criterion = ClassifierLoss(smoothing=0.0)  # the teacher's probabilities are the soft targets
     priors = None
     if task.parts.uses_priors:
         priors = make_priors([(imgsz // s, imgsz // s) for s in model.strides], model.strides, device=device)
@@ -103,7 +114,8 @@ def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: 
         epoch_start = time.perf_counter()
         for k, batch in enumerate(bar):
             set_lr(optimizer, schedule(epoch * iters + k))
-            losses = _step(model, batch, criterion, task.targets, priors, optimizer, device, train.channels_last)
+            losses = _step(model, batch, criterion, task.targets, priors, optimizer, device, train.channels_last,
+                           teacher)
             kill_point("qat:step")
             sums += losses
         means = (sums / iters).tolist()
@@ -126,11 +138,15 @@ def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: 
 
 def _step(model: QATModel, batch: dict[str, Any], criterion: RTMDetLoss, targets: tuple[str, ...],
           priors: torch.Tensor, optimizer: torch.optim.Optimizer, device: torch.device,
-          channels_last: bool) -> torch.Tensor:
-    x = model.normalize(batch["images"].to(device, non_blocking=True))
+          channels_last: bool, teacher: torch.nn.Module | None = None) -> torch.Tensor:
+    images = batch["images"].to(device, non_blocking=True)
+    x = model.normalize(images)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     on_device = {k: batch[k].to(device) for k in targets}
+    if teacher is not None:
+        with torch.no_grad():
+            on_device["targets"] = teacher(teacher.normalize(images)).float().softmax(dim=1)
     losses = criterion.normalize(criterion.step_sums(model(x), on_device, priors=priors))
     losses["loss"].backward()
     optimizer.step()
