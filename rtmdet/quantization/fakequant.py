@@ -171,7 +171,6 @@ class QChannelAttention(nn.Module):
             raise ValueError(f"QChannelAttention simulates a Hardsigmoid gate, not {type(module.act).__name__}")
         self.global_avgpool = module.global_avgpool
         self.fc = module.fc
-        self.act = module.act  # kept for its name; the forward writes Hardsigmoid out as TFLite runs it
         self.q_pool, self.q_fc, self.q = ActQuant(), ActQuant(), ActQuant()
         self.q_gate = ActQuant(fixed=(1.0 / 255.0, -128))
         self.quantize_weights = True

@@ -21,9 +21,10 @@ every one of its 108 scales and zero points equals the .tflite's. So do all 190 
 nano and 187 of 188 of the tiny (SiLU, channel attention, mean/std input) QAT-trained on
 facemask; the odd one was a channel-attention gate, simulated then as one quantized Hardsigmoid
 output where the file has the pre-clip conv output and a fixed-scale RELU_0_TO_1
-(QChannelAttention now does as the file does). The neck's reduced maps feed two concats (one through an upsample) and the
-file gives them one concat's scale: the bottom-up one's in those models (as `_tied_ranges`
-does), the top-down one's in a random 64 px SiLU model (off by 1-24%), by no rule we found.
+(QChannelAttention now does as the file does). The neck's reduced maps feed two concats (one
+through an upsample) and the file gives them one concat's scale: the bottom-up one's in those
+models (as `_tied_ranges` does), the top-down one's in a random 64 px SiLU model (off by 1-24%),
+by no rule we found.
 """
 
 from __future__ import annotations
