@@ -91,8 +91,9 @@ def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: 
     lr = qat.lr * qat.batch_size / train.base_batch_size
     schedule = LrSchedule(lr, 0, 0, qat.epochs * iters, lr * train.min_lr_ratio)
     optimizer = build_optimizer(model, lr, train.weight_decay, device)
-    criterion = task.loss(model, train)
-    if teacher is not None:
+    if teacher is None:
+        criterion = task.loss(model, train)
+    else:
         teacher.to(device).eval()
         criterion = ClassifierLoss(smoothing=0.0)  # the teacher's probabilities are the soft targets
     priors = None
