@@ -26,7 +26,7 @@ from rtmdet.imageio import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "valid", "test")  # DOTA names the validation split val, Roboflow valid
 LABEL_FOLDERS = ("labelTxt", "annfiles")
 REASONS = {
     "background_image": "images without objects (an empty or missing label file): kept as background",
@@ -65,6 +65,10 @@ class RotatedDataset:
     classes: list[str]
     splits: dict[str, RotatedSplit]
 
+    def validation(self) -> RotatedSplit | None:
+        """The validation split (folder val/ or valid/), None when there is none."""
+        return self.splits.get("valid") or self.splits.get("val")
+
 
 def load_dota(root: str | Path, classes: list[str] | None = None) -> RotatedDataset:
     """Read and check a DOTA-layout dataset; DataError when it cannot be used."""
@@ -73,6 +77,8 @@ def load_dota(root: str | Path, classes: list[str] | None = None) -> RotatedData
         raise DataError(f"{root}: dataset folder not found")
     if not (root / "train").is_dir():
         raise DataError(f"{root}: no train/ folder (expected train/images/ and train/labelTxt/)")
+    if (root / "val").is_dir() and (root / "valid").is_dir():
+        raise DataError(f"{root}: has both val/ and valid/; keep one validation split")
     parsed = {split: _parse_split(root / split) for split in SPLITS if (root / split).is_dir()}
     if classes is None:
         classes = sorted({obj[1] for objects, _ in parsed["train"][0].values() for obj in objects})
@@ -183,3 +189,43 @@ def summarize(dataset: RotatedDataset) -> dict:
                         "per_class": {c: int(n) for c, n in zip(dataset.classes, counts)},
                         "warnings": {k: int(v) for k, v in split.warnings.items() if v}}
     return {"classes": list(dataset.classes), "splits": splits}
+
+
+PREPARED = "rotated.json"  # the prepare stage's listing of a DOTA-layout dataset
+
+
+def write_prepared(dataset: RotatedDataset, out_dir: Path) -> Path:
+    """The checked dataset as one JSON listing (classes; per split each image's absolute path, size,
+    boxes, labels, difficult flags and the split's counted warnings): what the later stages read."""
+    from rtmdet.fileio import write_json_atomic
+
+    splits = {name: {"folder": str(split.folder), "warnings": dict(split.warnings),
+                     "records": [{"id": r.image_id, "file": str(r.file), "width": r.width, "height": r.height,
+                                  "rboxes": np.asarray(r.rboxes, np.float64).round(4).tolist(),
+                                  "labels": r.labels.tolist(), "difficult": r.difficult.tolist()}
+                                 for r in split.records]}
+              for name, split in dataset.splits.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / PREPARED
+    write_json_atomic(path, {"format": "dota", "classes": list(dataset.classes), "splits": splits})
+    return path
+
+
+def read_prepared(prepared_dir: Path) -> RotatedDataset:
+    """write_prepared's dataset back; one clear error when the listing is missing or not a rotated one."""
+    import json
+
+    path = Path(prepared_dir) / PREPARED
+    if not path.is_file():
+        raise DataError(f"{path}: not found; the prepare stage of model.task rotate writes it (dvc repro prepare)")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: broken JSON at line {exc.lineno}: {exc.msg}") from None
+    splits = {}
+    for name, split in doc["splits"].items():
+        records = [RotatedRecord(r["id"], Path(r["file"]), r["width"], r["height"],
+                                 np.asarray(r["rboxes"], np.float32).reshape(-1, 5), np.asarray(r["labels"], np.int64),
+                                 np.asarray(r["difficult"], bool)) for r in split["records"]]
+        splits[name] = RotatedSplit(name, Path(split["folder"]), records, Counter(split["warnings"]))
+    return RotatedDataset(doc["classes"], splits)

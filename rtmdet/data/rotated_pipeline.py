@@ -12,6 +12,7 @@ Determinism: sample(epoch, index) draws only from a Generator seeded with (seed,
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,10 +22,13 @@ import numpy as np
 import torch
 
 from rtmdet.data.dota import RotatedRecord
+from rtmdet.data.pipeline import SampleKey
 from rtmdet.data.rotated_transforms import FLIP_DIRECTIONS, flip_rotated, norm_le90, random_rotate
 from rtmdet.errors import ConfigError, DataError
 from rtmdet.imageio import read_image
 from rtmdet.inference.preprocess import PAD_VALUE, letterbox
+
+log = logging.getLogger(__name__)
 
 Sample = tuple[np.ndarray, np.ndarray, np.ndarray]  # image SxSx3 uint8, rboxes [N, 5] f32, labels [N] i64
 
@@ -141,11 +145,26 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 class RotatedTrainDataset:
     """Rotated training samples of DOTA records: sample(epoch, index) is deterministic.
 
-    `dropped` counts boxes dropped per reason ("outside", "too_small") in this process.
+    The trainer's loader indexes it with the batch sampler's SampleKeys (keyed, as TrainDataset):
+    a key's sample draws from (key.seed, key.epoch, key.position). With filter_empty (mmrotate's
+    filter_empty_gt) images without boxes are left out, counted in the log. `dropped` counts boxes
+    dropped per reason ("outside", "too_small") in this process.
     """
 
-    def __init__(self, records: Sequence[RotatedRecord], cfg: RotatedPipelineConfig, seed: int = 0):
-        self.records, self.cfg, self.seed = list(records), cfg, seed
+    keyed = True  # build_dataloader gives it a TrainBatchSampler
+
+    def __init__(self, records: Sequence[RotatedRecord], cfg: RotatedPipelineConfig, seed: int = 0,
+                 filter_empty: bool = False):
+        records = list(records)
+        if filter_empty:
+            kept = [r for r in records if len(r.labels)]
+            if len(kept) < len(records):
+                log.info("training uses %d of %d images (%d without boxes left out)", len(kept), len(records),
+                         len(records) - len(kept))
+            records = kept
+        if not records:
+            raise DataError("training split: no image with boxes to train on")
+        self.records, self.cfg, self.seed = records, cfg, seed
         self.dropped: Counter = Counter()
 
     def __len__(self) -> int:
@@ -166,9 +185,16 @@ class RotatedTrainDataset:
         rng = sample_rng(self.seed, epoch, index)
         return rotated_train_sample(image, rboxes, labels, self.cfg, rng, self.dropped)
 
-    def __getitem__(self, key: tuple[int, int]) -> Sample:
+    def __getitem__(self, key: SampleKey | tuple[int, int]) -> Sample:
+        if isinstance(key, SampleKey):
+            image, rboxes, labels = self.load(key.index)
+            rng = sample_rng(key.seed, key.epoch, key.position)
+            return rotated_train_sample(image, rboxes, labels, self.cfg, rng, self.dropped)
         epoch, index = key
         return self.sample(epoch, index)
+
+    def __getitems__(self, keys: Sequence[SampleKey]) -> list[Sample]:
+        return [self[k] for k in keys]
 
 
 def collate_rotated(samples: Sequence[Sample]) -> dict[str, torch.Tensor]:

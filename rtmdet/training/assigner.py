@@ -31,7 +31,7 @@ class AssignResult:
     """Per-prior training targets for a batch of B images and A priors."""
 
     labels: Tensor  # [B, A] int64; num_classes marks background
-    bbox_targets: Tensor  # [B, A, 4] xyxy gt box of positives, 0 elsewhere
+    bbox_targets: Tensor  # [B, A, 4] xyxy gt box of positives ([B, A, 5] rotated boxes), 0 elsewhere
     assign_metrics: Tensor  # [B, A] IoU(pred, gt) for positives, 0 elsewhere
     fg_mask: Tensor  # [B, A] bool
     gt_inds: Tensor  # [B, A] int64 index into the padded gts, -1 for background
@@ -43,10 +43,10 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _empty_result(num_images: int, num_priors: int, num_classes: int,
-                  device: torch.device, dtype: torch.dtype) -> AssignResult:
+                  device: torch.device, dtype: torch.dtype, box_dim: int = 4) -> AssignResult:
     return AssignResult(
         labels=torch.full((num_images, num_priors), num_classes, dtype=torch.long, device=device),
-        bbox_targets=torch.zeros(num_images, num_priors, 4, dtype=dtype, device=device),
+        bbox_targets=torch.zeros(num_images, num_priors, box_dim, dtype=dtype, device=device),
         assign_metrics=torch.zeros(num_images, num_priors, dtype=dtype, device=device),
         fg_mask=torch.zeros(num_images, num_priors, dtype=torch.bool, device=device),
         gt_inds=torch.full((num_images, num_priors), -1, dtype=torch.long, device=device),
@@ -129,23 +129,39 @@ class DynamicSoftLabelAssigner:
         # Shapes only: a batch whose gts are all padding goes through the same ops and assigns
         # nothing, so the GPU never waits for the host to look at the data.
         if gts.shape[1] == 0 or num_priors == 0:
-            return _empty_result(num_images, num_priors, num_classes, logits.device, dtype)
+            return _empty_result(num_images, num_priors, num_classes, logits.device, dtype, gts.shape[-1])
 
-        inside = _points_inside(priors[:, :2], gts) & gt_valid[:, None, :]
+        inside = self._inside(priors[:, :2], gts) & gt_valid[:, None, :]
         valid = inside.any(-1)  # [B, A]: candidate priors (inside any real gt)
         pair_ok = valid[..., None] & gt_valid[:, None, :]
-        ious = _batched_iou(boxes, gts).masked_fill(~pair_ok, 0.0)
+        ious = self._ious(boxes, gts, pair_ok)
+        centers = self._centers(gts) if gt_centers is None else gt_centers.detach().to(dtype)
 
         cost = (self._cls_cost(logits, ious, gt_labels)
                 - torch.log(ious + EPS) * self.iou_weight
-                + _center_prior(priors, gts, self.soft_center_radius,
-                                None if gt_centers is None else gt_centers.detach().to(dtype)))
+                + _center_prior(priors, gts, self.soft_center_radius, centers))
         # Overflowing centre priors stay finite so a real candidate always sorts before
         # a non-candidate (inf); among themselves they are ties, as in mmdet.
         cost = cost.clamp(max=torch.finfo(dtype).max).masked_fill(~pair_ok, float("inf"))
 
         gt_inds, fg = self._dynamic_k_matching(cost, ious, valid, gt_valid)
         return self._gather_targets(gt_inds, fg, ious, gts, gt_labels, num_classes)
+
+    # The box geometry (xyxy boxes here; rtmdet.training.losses_rotated overrides it for rotated ones).
+    @staticmethod
+    def _inside(points: Tensor, gts: Tensor) -> Tensor:
+        """[A, 2] points vs [B, M, D] gts -> [B, A, M], True when inside."""
+        return _points_inside(points, gts)
+
+    @staticmethod
+    def _ious(boxes: Tensor, gts: Tensor, pair_ok: Tensor) -> Tensor:
+        """IoU [B, A, M] of [B, A, D] predicted boxes and [B, M, D] gts, 0 where not pair_ok."""
+        return _batched_iou(boxes, gts).masked_fill(~pair_ok, 0.0)
+
+    @staticmethod
+    def _centers(gts: Tensor) -> Tensor | None:
+        """The centres [B, M, 2] the centre prior measures from (None: the xyxy boxes' own)."""
+        return None
 
     def _cls_cost(self, logits: Tensor, ious: Tensor, gt_labels: Tensor) -> Tensor:
         """Soft-label classification cost [B, A, M] without a [B, A, M, C] tensor.
@@ -191,7 +207,7 @@ class DynamicSoftLabelAssigner:
         metrics = ious.gather(2, gt_inds[..., None]).squeeze(-1) * fg
         labels = torch.where(fg, gt_labels.long().gather(1, gt_inds),
                              torch.full_like(gt_inds, num_classes))
-        box_idx = gt_inds[..., None].expand(-1, -1, 4)
+        box_idx = gt_inds[..., None].expand(-1, -1, gts.shape[-1])
         targets = gts.gather(1, box_idx) * fg[..., None]
         return AssignResult(labels=labels, bbox_targets=targets, assign_metrics=metrics,
                             fg_mask=fg, gt_inds=torch.where(fg, gt_inds, -1))

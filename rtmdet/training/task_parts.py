@@ -166,6 +166,80 @@ class ClassParts:
         return classifier_checkpoint_dict(weights, dataset.classes)
 
 
+class RotParts:
+    """rotate: RTMDet-R on DOTA-layout datasets (rtmdet.data.dota), rotated mAP validation,
+    MMRotate-layout checkpoints."""
+
+    distills = False
+    uses_priors = True
+
+    def prepare(self, data: DataParams, model: ModelParams, masks: bool, out_dir: Path, reports: Path) -> None:
+        """The prepare stage: check the DOTA-layout dataset, write its listing and statistics."""
+        from rtmdet.data.dota import summarize, write_prepared
+        from rtmdet.fileio import write_json_atomic
+
+        dataset = self.read_dataset(data, masks)
+        write_prepared(dataset, out_dir)
+        write_json_atomic(reports / "stats.json", summarize(dataset))
+
+    def load_prepared(self, prepared_dir: Path, masks: bool) -> Any:
+        from rtmdet.data.dota import read_prepared
+
+        return read_prepared(prepared_dir)
+
+    def read_dataset(self, data: DataParams, masks: bool) -> Any:
+        from rtmdet.data.dota import load_dota
+
+        explicit = [k for k in ("train_ann_file", "val_ann_file", "test_ann_file") if getattr(data, k)]
+        if explicit:
+            raise ConfigError(f"model.task rotate reads DOTA-layout folders (root/train/images, root/train/labelTxt); "
+                              f"data.{explicit[0]} applies to COCO datasets only")
+        dataset = load_dota(data.root)
+        if data.num_classes is not None and data.num_classes != len(dataset.classes):
+            raise ConfigError(f"data.num_classes is {data.num_classes} but {data.root} has {len(dataset.classes)} "
+                              f"classes ({', '.join(dataset.classes)})")
+        return dataset
+
+    def digest(self, dataset: Any) -> str:
+        import numpy as np
+
+        h = hashlib.sha256(json.dumps(list(dataset.classes)).encode())
+        for r in dataset.splits["train"].records:
+            h.update(r.file.name.encode())
+            h.update(np.ascontiguousarray(r.rboxes, np.float32).tobytes())
+            h.update(np.ascontiguousarray(r.labels, np.int64).tobytes())
+        return h.hexdigest()[:16]
+
+    def build_model(self, params: ModelParams, num_classes: int, seed: int) -> nn.Module:
+        from rtmdet.training.build import build_train_model
+
+        return build_train_model(params, num_classes, seed)
+
+    def train_data(self, dataset: Any, model: ModelParams, train: TrainParams) -> tuple[Any, Any]:
+        """MMRotate's dota_rr.py pipeline (rtmdet.data.rotated_pipeline) on the images with boxes."""
+        from rtmdet.data.rotated_pipeline import RotatedPipelineConfig, RotatedTrainDataset, collate_rotated
+
+        config = RotatedPipelineConfig(model.imgsz, ratio_range=tuple(train.resize_range or (1.0, 1.0)))
+        return RotatedTrainDataset(dataset.splits["train"].records, config, train.seed, filter_empty=True), \
+            collate_rotated
+
+    def validator(self, dataset: Any, imgsz: int, device: torch.device, batch_size: int, workers: int,
+                  masks: bool, rank: int, world_size: int, group: Any) -> Any:
+        from rtmdet.training.validate_rotated import RotatedValidator
+
+        val = dataset.validation()
+        if val is None or not val.records:
+            return None
+        return RotatedValidator(val.records, dataset.classes, imgsz, device, batch_size=batch_size, rank=rank,
+                                world_size=world_size, group=group)
+
+    def checkpoint(self, weights: nn.Module, dataset: Any) -> dict[str, Any]:
+        """The weights in MMRotate's RTMDet-R keys (the trainer adds the run's meta)."""
+        from rtmdet.models.checkpoint import checkpoint_dict
+
+        return checkpoint_dict(weights, dataset.classes, extra_meta={"mmrotate_compatible": True})
+
+
 def load_classifier_init(model: nn.Module, path: str) -> None:
     """model.init for a classifier: a classifier checkpoint (ours or mmpretrain's; its head too when
     the class count matches), or any checkpoint with CSPNeXt backbone weights (a detector's)."""

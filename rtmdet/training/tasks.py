@@ -16,7 +16,8 @@ from rtmdet.errors import ConfigError
 from rtmdet.training.losses import RTMDetLoss
 from rtmdet.training.losses_cls import ClassifierLoss
 from rtmdet.training.losses_ins import RTMDetInsLoss
-from rtmdet.training.task_parts import BoxParts, ClassParts
+from rtmdet.training.losses_rotated import RotatedRTMDetLoss
+from rtmdet.training.task_parts import BoxParts, ClassParts, RotParts
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ TRAIN_TASKS = {
                          graph_blocker="the segment task's mask loss runs on the positives, a number that "
                                        "changes every step", best_metric="mask_mAP",
                          val_metrics=("mAP", "mAP50", "mask_mAP", "mask_mAP50"), loss_parts=("cls", "bbox", "mask")),
+    "rotate": TrainTask(lambda net, p: RotatedRTMDetLoss(net.strides, topk=p.assigner_topk), ("rboxes", "labels"),
+                        masks=False, graph_blocker="the rotate task's assigner and box loss run on the candidate "
+                                                   "pairs and positives, numbers that change every step",
+                        val_metrics=("mAP", "mAP50", "mAP75"), parts=RotParts()),
     "classify": TrainTask(lambda net, p: ClassifierLoss(), ("targets",), masks=False,
                           graph_blocker="the classify step is not captured as CUDA graphs yet", best_metric="top1",
                           val_metrics=("top1", "top5"), loss_parts=(), parts=ClassParts()),
