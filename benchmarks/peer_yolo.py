@@ -2,7 +2,7 @@
 
     python benchmarks/peer_yolo.py --data ROOT [--epochs 100] [--batch 32] [--pairs tiny:320 nano:192 nano-silu:192]
         [--workers N] [--seed 0] [--out DIR] [--only rtmdet|yolo] [--rtmdet-set train.lr=0.004 ...]
-        [--wheels DIR] [--keep-weights] [--task detect|segment|classify]
+        [--wheels DIR] [--keep-weights] [--task detect|segment|classify|rotate]
     python benchmarks/peer_yolo.py --merge A/peer_yolo.json B/peer_yolo.json [--out DIR]
 
 ROOT is a Roboflow COCO export (train/ and valid/ with _annotations.coco.json). For each pair
@@ -42,6 +42,25 @@ IMGSZ x 256/224, bicubic, centre crop; rtmdet.export.classify.score_classifier),
 name. The table shows top-1 and top-5 (top-5 n/a under 5 classes), the pair line the top-1
 difference (RTMDet - YOLO) and the wall-time ratio; ultralytics' own final validation of best.pt
 is kept as ultralytics_val.
+
+--task rotate is the rotated-box pair: RTMDet-R-SIZE (model.task=rotate, rtmdet.training.train
+through train_on_gpus as above, with RTMDET_ROT_RECIPE: RTMDET_RECIPE without the stage 2 the
+rotated pipeline does not have) against YOLO11n-obb (yolo11n-obb.yaml, ultralytics' defaults).
+ROOT is a DOTA-layout dataset (ROOT/train/{images,labelTxt}, ROOT/valid/ or val/, optional test/;
+label lines x1 y1 x2 y2 x3 y3 x4 y4 class difficult), read by rtmdet.data.dota.load_dota; pairs
+are SIZE:IMGSZ (default tiny:640). YOLO trains on a view of the very records rtmdet reads (image
+links; labels class x1 y1 ... x4 y4, the corners of each record's rotated box, i.e. load_dota's
+minimum-area rectangle of the quad, normalized and clipped to 0..1). Both best checkpoints are
+scored on valid (else val) by one scorer, rtmdet.evaluation.rotated_eval.score_rotated (DOTA mAP
+as MMRotate's DOTAMetric: VOC07 11-point AP, difficult boxes ignored) at score threshold 0.001,
+rotated NMS IoU 0.1 (MMRotate's for RTMDet-R, for both models), 300 detections per image:
+RTMDet through evaluate_rotated (letterbox, rtmdet.inference.rotated's post-process), YOLO
+through its own predictor, its corner quads turned into rotated boxes by quad_to_rbox (no
+dependence on its angle convention). The table shows mAP50:95, mAP50 and mAP75 (11-point) and
+mAP50:95 in area mode (under the interpolated curve); the pair line the mAP50:95 ratio, the
+mAP50 difference (RTMDet - YOLO) and the wall-time ratio; ultralytics' own final validation of
+best.pt is kept as ultralytics_val (not comparable: its OBB validator matches by probabilistic IoU,
+more lenient than the exact rotated IoU here, with COCO's 101-point AP).
 
 Ultralytics is a benchmark-only dependency: when it cannot be imported it is installed from the
 wheels in --wheels (ultralytics and ultralytics_thop; its other deps must be there already) into the
@@ -105,16 +124,24 @@ RTMDET_CLS_RECIPE: dict[str, Any] = {
     "channels_last": True,
     "gpus": 1,
 }
+# TrainParams for the rotate task: the small-data recipe without stage 2 (the rotated pipeline has
+# none), lr 0.008 at 32 (boxes_obb, tiny@640, batch 16, 100 epochs, one seed each: 0.004 at 32 gave
+# mAP50:95 0.805, 0.008 0.827; 0.016 was worse before the rtm_reg bias init, not retried).
+RTMDET_ROT_RECIPE: dict[str, Any] = {**RTMDET_RECIPE, "lr": 0.008, "stage2_epochs": 0}
 SCORE_THR, NMS_IOU, MAX_DETS = 0.001, 0.65, 100
-YOLO_MODELS = {"detect": "yolo11n.yaml", "segment": "yolo11n-seg.yaml", "classify": "yolo11n-cls.yaml"}
+# The rotate task's scoring, the same for both models: 0.1 is MMRotate's nms_rotated IoU for RTMDet-R.
+ROT_SCORE_THR, ROT_NMS_IOU, ROT_MAX_DETS = 0.001, 0.1, 300
+YOLO_MODELS = {"detect": "yolo11n.yaml", "segment": "yolo11n-seg.yaml", "classify": "yolo11n-cls.yaml",
+               "rotate": "yolo11n-obb.yaml"}
 DEFAULT_PAIRS = {"detect": [("tiny", 320), ("nano", 192), ("nano-silu", 192)],
                  "segment": [("tiny", 320), ("nano", 192), ("nano-silu", 192)],
-                 "classify": [("tiny", 224)]}
+                 "classify": [("tiny", 224)],
+                 "rotate": [("tiny", 640)]}
 
 
 def recipe_of(task: str) -> dict[str, Any]:
     """The RTMDet TrainParams recipe of a task (before the command line's values and overrides)."""
-    return RTMDET_CLS_RECIPE if task == "classify" else RTMDET_RECIPE
+    return {"classify": RTMDET_CLS_RECIPE, "rotate": RTMDET_ROT_RECIPE}.get(task, RTMDET_RECIPE)
 
 
 # ---- parent: run the children, print the table --------------------------------------------------
@@ -128,6 +155,8 @@ def main() -> int:
     out = args.out.resolve()
     if args.task == "classify":
         check_class_folders(args.data)
+    elif args.task == "rotate":
+        check_dota(args.data)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="peer_yolo_", dir=args.work))
     try:
@@ -151,12 +180,13 @@ def main() -> int:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=REPO / ".devdata" / "facemask",
-                   help="Roboflow COCO export (classify: a class-folder dataset, train/<class>/*.jpg and val/)")
+                   help="Roboflow COCO export (classify: a class-folder dataset, train/<class>/*.jpg and val/; "
+                        "rotate: a DOTA-layout dataset, train/{images,labelTxt} and valid/ or val/)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--pairs", nargs="+", type=_pair, default=None,
                    help="RTMDet SIZE[-ACT]:IMGSZ pairs, each against YOLO11n at IMGSZ (default: tiny:320 nano:192 "
-                        "nano-silu:192; classify: tiny:224)")
+                        "nano-silu:192; classify: tiny:224; rotate: tiny:640)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "peer_yolo")
@@ -167,9 +197,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="scratch parent folder (default: the system temp)")
     p.add_argument("--keep-weights", action="store_true",
                    help="copy the best checkpoints to OUT (rtmdet_<size>_<imgsz>.pt, yolo11n_<imgsz>.pt)")
-    p.add_argument("--task", choices=("detect", "segment", "classify"), default="detect",
+    p.add_argument("--task", choices=("detect", "segment", "classify", "rotate"), default="detect",
                    help="detect: RTMDet vs YOLO11n; segment: RTMDet-Ins vs YOLO11n-seg, scored by box and mask; "
-                        "classify: the CSPNeXt classifier vs YOLO11n-cls, scored by top-1/top-5")
+                        "classify: the CSPNeXt classifier vs YOLO11n-cls, scored by top-1/top-5; "
+                        "rotate: RTMDet-R vs YOLO11n-obb, scored by DOTA's rotated mAP")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                    help="train nothing: one table from earlier peer_yolo.json files (runs split with --only)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -199,12 +230,13 @@ def split_variant(variant: str) -> tuple[str, dict[str, str]]:
     return size, ({"act": act} if act else {})
 
 
-RUN_PREFIX = {"detect": ("", ""), "segment": ("ins_", "seg_"), "classify": ("cls_", "cls_")}  # (rtmdet, yolo)
+RUN_PREFIX = {"detect": ("", ""), "segment": ("ins_", "seg_"), "classify": ("cls_", "cls_"),
+              "rotate": ("r_", "obb_")}  # (rtmdet, yolo)
 
 
 def rtmdet_run_name(variant: str, imgsz: int, task: str = "detect") -> str:
     """'nano-silu', 192 -> 'rtmdet_nano_silu_192' (work folder, result file and table row);
-    the segment task: 'rtmdet_ins_tiny_320'; classify: 'rtmdet_cls_tiny_224'."""
+    the segment task: 'rtmdet_ins_tiny_320'; classify: 'rtmdet_cls_tiny_224'; rotate: 'rtmdet_r_tiny_640'."""
     return f"rtmdet_{RUN_PREFIX[task][0]}{variant.replace('-', '_')}_{imgsz}"
 
 
@@ -246,6 +278,29 @@ def check_class_folders(root: Path) -> None:
         raise SystemExit(f"--task classify: {exc}") from None
     if "val" not in dataset.splits:
         raise SystemExit(f"--task classify: {dataset.root} has no val/ (or valid/) split to score on")
+
+
+def check_dota(root: Path) -> None:
+    """The rotate task's dataset, read as the children will read it: fail now, not after training."""
+    from rtmdet.data.dota import load_dota
+    from rtmdet.errors import DataError
+
+    try:
+        dataset = load_dota(root)
+    except DataError as exc:
+        raise SystemExit(f"--task rotate: {exc}") from None
+    _val_split(dataset)
+
+
+def _val_split(dataset: Any) -> Any:
+    """The split a rotated dataset is scored on: valid (Roboflow's name), else val (DOTA's); one
+    clear line (SystemExit) when it has neither."""
+    for name in ("valid", "val"):
+        if name in dataset.splits:
+            return dataset.splits[name]
+    train = dataset.splits.get("train")
+    where = train.folder.parent if train is not None else "the dataset"
+    raise SystemExit(f"--task rotate: {where} has no valid/ (or val/) split to score on")
 
 
 def child_env(args: argparse.Namespace, work: Path) -> dict[str, str]:
@@ -322,8 +377,14 @@ def merge(files: list[Path], out: Path) -> int:
 
 
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    scoring = ({"scorer": "rtmdet.evaluation.classification.classification_result", "split": "val"}
-               if args.task == "classify" else {"score_thr": SCORE_THR, "nms_iou": NMS_IOU, "max_dets": MAX_DETS})
+    if args.task == "classify":
+        scoring = {"scorer": "rtmdet.evaluation.classification.classification_result", "split": "val"}
+    elif args.task == "rotate":
+        scoring = {"scorer": "rtmdet.evaluation.rotated_eval.score_rotated", "split": "valid, else val",
+                   "ap_mode": "11points (the *_area entries: area)", "score_thr": ROT_SCORE_THR,
+                   "nms_iou": ROT_NMS_IOU, "max_dets": ROT_MAX_DETS}
+    else:
+        scoring = {"score_thr": SCORE_THR, "nms_iou": NMS_IOU, "max_dets": MAX_DETS}
     return {"task": args.task, "data": str(args.data), "epochs": args.epochs, "batch": args.batch, "seed": args.seed,
             "workers": args.workers, "pairs": [f"{s}:{i}" for s, i in args.pairs],
             "rtmdet_recipe": recipe_of(args.task), "rtmdet_overrides": args.rtmdet_overrides, **scoring}
@@ -331,7 +392,8 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
 
 def pair_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """RTMDet / YOLO mAP and wall time at each image size (and task) where both finished; for
-    classify the top-1 and top-5 differences (RTMDet - YOLO) and the wall-time ratio."""
+    classify the top-1 and top-5 differences (RTMDet - YOLO) and the wall-time ratio; for rotate
+    the mAP50:95 ratio, the mAP50 difference (RTMDet - YOLO) and the wall-time ratio."""
     ok = [r for r in runs if "error" not in r]
     pairs = []
     for r in (r for r in ok if r["kind"] == "rtmdet"):
@@ -340,6 +402,10 @@ def pair_ratios(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if y is not None and r.get("task") == "classify":
             pairs.append({"rtmdet": r["name"], "yolo": y["name"], "task": "classify",
                           "top1_diff": _diff(r["top1"], y["top1"]), "top5_diff": _diff(r.get("top5"), y.get("top5")),
+                          "time_ratio": _ratio(r["wall_s"], y["wall_s"])})
+        elif y is not None and r.get("task") == "rotate":
+            pairs.append({"rtmdet": r["name"], "yolo": y["name"], "task": "rotate",
+                          "mAP_ratio": _ratio(r["mAP"], y["mAP"]), "mAP50_diff": _diff(r["mAP50"], y["mAP50"]),
                           "time_ratio": _ratio(r["wall_s"], y["wall_s"])})
         elif y is not None:
             pair = {"rtmdet": r["name"], "yolo": y["name"],
@@ -364,6 +430,8 @@ def format_table(report: dict[str, Any]) -> str:
     s = report["settings"]
     if s.get("task") == "classify":
         return format_classify_table(report)
+    if s.get("task") == "rotate":
+        return format_rotate_table(report)
     masks = any("mask_mAP" in r for r in report["runs"])
     mask_head, mask_rule = ("mask mAP50-95 | mask mAP50 | ", "---|---|") if masks else ("", "")
     lines = [f"\n{s['epochs']} epochs, batch {s['batch']}, seed {s['seed']}, {s['workers']} workers; "
@@ -405,6 +473,27 @@ def format_classify_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_rotate_table(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [f"\n{s['epochs']} epochs, batch {s['batch']}, seed {s['seed']}, {s['workers']} workers; "
+             f"valid scored by rtmdet.evaluation.rotated_eval (DOTA mAP, VOC07 11-point; area: under the curve) "
+             f"at score {ROT_SCORE_THR}, rotated NMS IoU {ROT_NMS_IOU}, {ROT_MAX_DETS} dets/img",
+             "| model | imgsz | mAP50:95 | mAP50 | mAP75 | mAP50:95 area | wall s (train+val) | img/s | peak mem GiB "
+             "| params M |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['imgsz']} | failed: {r['error']} | | | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['imgsz']} | {_f(r['mAP'], 4)} | {_f(r['mAP50'], 4)} | "
+                     f"{_f(r['mAP75'], 4)} | {_f(r.get('mAP_area'), 4)} | {r['wall_s']:.0f} | "
+                     f"{r['images_per_s']:.0f} | {_f(r['peak_mem_gib'], 2)} | {r['params'] / 1e6:.2f} |")
+    for p in report["pairs"]:
+        lines.append(f"\n{p['rtmdet']} / {p['yolo']}: mAP50:95 {_x(p['mAP_ratio'])}, mAP50 {_d(p['mAP50_diff'])} "
+                     f"(RTMDet - YOLO), wall time {_x(p['time_ratio'])}")
+    return "\n".join(lines)
+
+
 def _d(v: float | None) -> str:
     return "n/a" if v is None else f"{v:+.4f}"
 
@@ -433,6 +522,8 @@ def run_child(spec: dict[str, Any]) -> int:
         torch.cuda.reset_peak_memory_stats()
     if task == "classify":
         result = train_rtmdet_classify(spec) if spec["kind"] == "rtmdet" else train_yolo_classify(spec)
+    elif task == "rotate":
+        result = train_rtmdet(spec) if spec["kind"] == "rtmdet" else train_yolo_obb(spec)
     else:
         result = train_rtmdet(spec) if spec["kind"] == "rtmdet" else train_yolo(spec)
     result.update(kind=spec["kind"], size=spec["size"], imgsz=spec["imgsz"], epochs=spec["epochs"],
@@ -480,24 +571,31 @@ def train_rtmdet(spec: dict[str, Any]) -> dict[str, Any]:
 
     from rtmdet.config import DataParams, as_dict
     from rtmdet.data.coco import load_dataset
+    from rtmdet.data.dota import load_dota
     from rtmdet.training.launch import train_on_gpus
 
     over = spec["overrides"]
-    train_p = parse_section("train", {**RTMDET_RECIPE, "epochs": spec["epochs"], "batch_size": spec["batch"],
+    task = spec.get("task", "detect")
+    train_p = parse_section("train", {**recipe_of(task), "epochs": spec["epochs"], "batch_size": spec["batch"],
                                       "seed": spec["seed"], "workers": spec["workers"], **over["train"]})
     size, variant = split_variant(spec["size"])
-    task = spec.get("task", "detect")
     model_p = parse_section("model", {"size": size, "imgsz": spec["imgsz"], "task": task, **variant, **over["model"]})
     start = time.perf_counter()
     run = train_on_gpus(DataParams(root=spec["data"]), model_p, train_p, Path(spec["work"]) / "train", progress=False)
     wall = time.perf_counter() - start
     mem, reserved = _peak_mem() if train_p.gpus == 1 else (None, None)  # the ranks' own memory is not seen here
-    dataset = load_dataset(spec["data"], masks=task == "segment")
-    result = score_rtmdet(run.best, dataset, spec["imgsz"], "cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if task == "rotate":  # a DOTA-layout dataset, scored by score_rotated
+        dataset = load_dota(spec["data"])
+        result = score_rtmdet_rotated(run.best, dataset, spec["imgsz"], device)
+    else:
+        dataset = load_dataset(spec["data"], masks=task == "segment")
+        result = score_rtmdet(run.best, dataset, spec["imgsz"], device)
     if spec["keep"]:
         shutil.copy2(run.best, spec["keep"])
     n_train = len(dataset.splits["train"].records)
-    label = f"RTMDet-{'Ins-' if task == 'segment' else ''}{size}" + (f" ({variant['act']})" if variant else "")
+    kind = {"segment": "Ins-", "rotate": "R-"}.get(task, "")
+    label = f"RTMDet-{kind}{size}" + (f" ({variant['act']})" if variant else "")
     return {"name": rtmdet_run_name(spec["size"], spec["imgsz"], task), "model": label, "task": task,
             **result, "wall_s": wall, "images_per_s": spec["epochs"] * n_train / wall,
             "peak_mem_gib": mem, "peak_reserved_gib": reserved, "train_images": n_train,
@@ -523,6 +621,29 @@ def score_rtmdet(best: Path, dataset: Any, imgsz: int, device: str) -> dict[str,
                         post, batch_size=32, task=task)
     ev = evaluate_detector(detector, dataset.splits["valid"], dataset, batch_size=32, progress=False)
     return {**ev.stats, **_mask_stats(ev), "params": params, "eval_s": ev.seconds, "per_class": ev.per_class}
+
+
+def score_rtmdet_rotated(best: Path, dataset: Any, imgsz: int, device: str) -> dict[str, Any]:
+    """An RTMDet-R checkpoint over valid (else val) through evaluate_rotated, scored by score_rotated."""
+    from rtmdet.evaluation.rotated_eval import evaluate_rotated
+    from rtmdet.inference.rotated import RotatedPostprocessConfig
+    from rtmdet.models.checkpoint import load_model
+
+    model, ckpt = load_model(best, device, tasks=("rotate",))
+    if model.cfg.num_classes != len(dataset.classes):
+        raise RuntimeError(f"{best}: {model.cfg.num_classes} classes, the dataset has {len(dataset.classes)}")
+    params = sum(p.numel() for p in model.parameters())
+    split = _val_split(dataset)
+    ev = evaluate_rotated(model, split.records, dataset.classes, imgsz, device,
+                          RotatedPostprocessConfig(score_thr=ROT_SCORE_THR, iou_thr=ROT_NMS_IOU,
+                                                   max_per_img=ROT_MAX_DETS), batch_size=16)
+    return {**rotated_stats(ev), "params": params, "eval_s": ev["seconds"], "eval_split": split.name}
+
+
+def rotated_stats(ev: dict[str, Any]) -> dict[str, Any]:
+    """score_rotated's (or evaluate_rotated's) numbers as the run's result entries: mAP (50:95),
+    mAP50, mAP75, their *_area twins and per_class; the detections and timings left out."""
+    return {k: v for k, v in ev.items() if k not in ("detections", "seconds", "images")}
 
 
 def _mask_stats(ev: Any) -> dict[str, Any]:
@@ -753,6 +874,111 @@ def score_yolo(best: Path, dataset: Any, imgsz: int) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     ev = score_detections(dets, dataset.splits["valid"], dataset)
     return {**ev.stats, **_mask_stats(ev), "params": params, "eval_s": seconds, "per_class": ev.per_class}
+
+
+def train_yolo_obb(spec: dict[str, Any]) -> dict[str, Any]:
+    """YOLO11n-obb on an OBB label view of the DOTA records, then its best.pt scored on valid (else val)."""
+    import ultralytics
+    from ultralytics import YOLO
+
+    from rtmdet.data.dota import load_dota
+
+    offline_ultralytics()
+    dataset = load_dota(spec["data"])
+    data_yaml = write_yolo_obb_dataset(dataset, Path(spec["work"]) / "data")
+    model = YOLO(YOLO_MODELS["rotate"])
+    fit = fit_yolo(model, data_yaml, spec)
+    trainer = model.trainer
+    result = score_yolo_obb(Path(trainer.best), dataset, spec["imgsz"])
+    if spec["keep"]:
+        shutil.copy2(trainer.best, spec["keep"])
+    n_train = len(dataset.splits["train"].records)
+    return {"name": yolo_run_name(spec["imgsz"], "rotate"), "model": "YOLO11n-obb", "task": "rotate",
+            **result, **fit, "images_per_s": spec["epochs"] * n_train / fit["wall_s"], "train_images": n_train,
+            "ultralytics_val": _ultralytics_val(trainer), "amp": bool(trainer.amp),
+            "ultralytics": ultralytics.__version__}
+
+
+def write_yolo_obb_dataset(dataset: Any, root: Path) -> Path:
+    """train and the validation split (valid, else val) in ultralytics' OBB layout: images/<split>
+    links to the very files the records point at, labels/<split>/<stem>.txt with one row per object,
+    `class x1 y1 x2 y2 x3 y3 x4 y4` (the corners of the record's rotated box, normalized by the image
+    size and clipped to 0..1; an image without objects gets an empty file); the data yaml."""
+    import yaml
+
+    for split, source in (("train", dataset.splits["train"]), ("val", _val_split(dataset))):
+        images, labels = root / "images" / split, root / "labels" / split
+        images.mkdir(parents=True)
+        labels.mkdir(parents=True)
+        for rec in source.records:
+            stem = str(rec.image_id)  # unique within a split
+            _link(rec.file, images / f"{stem}{rec.file.suffix.lower()}")
+            rows = yolo_obb_rows(rec.rboxes, rec.labels, rec.width, rec.height)
+            (labels / f"{stem}.txt").write_text("".join(r + "\n" for r in rows))
+    data = {"path": str(root), "train": "images/train", "val": "images/val",
+            "names": dict(enumerate(dataset.classes))}
+    path = root / "data.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def yolo_obb_rows(rboxes: Any, labels: Any, width: int, height: int) -> list[str]:
+    """[K, 5] rotated boxes (cx, cy, w, h, angle) and [K] labels -> K YOLO OBB label rows,
+    `class x1 y1 x2 y2 x3 y3 x4 y4`, corners normalized by width and height and clipped to 0..1."""
+    import numpy as np
+    import torch
+
+    from rtmdet.geometry.rotated import rbox_to_corners
+
+    rb = torch.as_tensor(np.asarray(rboxes, np.float64).reshape(-1, 5))
+    corners = rbox_to_corners(rb).numpy() / [width, height]  # [K, 4, 2]
+    corners = np.clip(corners, 0.0, 1.0).reshape(-1, 8)
+    return [f"{int(label)} " + " ".join(f"{v:.6f}" for v in xy)
+            for xy, label in zip(corners.tolist(), np.asarray(labels).tolist(), strict=True)]
+
+
+def yolo_obb_detections(corners: Any, scores: Any, classes: Any) -> Any:
+    """One YOLO OBB result (obb.xyxyxyxy [N, 4, 2] pixel corners, obb.conf [N], obb.cls [N]) as
+    RotatedDetections: each quad's rotated box by quad_to_rbox, whatever angle range YOLO used."""
+    import numpy as np
+
+    from rtmdet.evaluation.rotated_map import RotatedDetections
+    from rtmdet.geometry.rotated import quad_to_rbox
+
+    quads = np.asarray(corners, np.float64).reshape(-1, 4, 2)
+    rboxes = quad_to_rbox(quads)[0].astype(np.float64) if len(quads) else np.zeros((0, 5), np.float64)
+    return RotatedDetections(rboxes, np.asarray(scores, np.float32).reshape(-1),
+                             np.asarray(classes).reshape(-1).astype(np.int64))
+
+
+def score_yolo_obb(best: Path, dataset: Any, imgsz: int) -> dict[str, Any]:
+    """YOLO's OBB predictor on every valid (else val) image, read by rtmdet's reader, at the rotate
+    task's score threshold, NMS IoU and detection cap; scored by score_rotated as RTMDet-R is."""
+    from ultralytics import YOLO
+
+    from rtmdet.evaluation.rotated_eval import score_rotated, truths_of
+    from rtmdet.imageio import read_image
+
+    model = YOLO(str(best))
+    params = sum(p.numel() for p in model.model.parameters())  # before predict() fuses BN in place
+    names = model.names if isinstance(model.names, dict) else dict(enumerate(model.names))
+    if [str(names[k]) for k in sorted(names)] != list(dataset.classes):
+        raise RuntimeError(f"YOLO classes {list(names.values())[:5]} are not the dataset's {dataset.classes[:5]}")
+    split = _val_split(dataset)
+    records = split.records
+    dets = []
+    start = time.perf_counter()
+    for i in range(0, len(records), 16):
+        batch = records[i : i + 16]
+        results = model.predict([read_image(r.file) for r in batch], conf=ROT_SCORE_THR, iou=ROT_NMS_IOU,
+                                max_det=ROT_MAX_DETS, imgsz=imgsz, verbose=False)
+        for res in results:
+            obb = res.obb
+            dets.append(yolo_obb_detections(obb.xyxyxyxy.cpu().numpy(), obb.conf.cpu().numpy(),
+                                            obb.cls.cpu().numpy()))
+    seconds = time.perf_counter() - start
+    ev = score_rotated(dets, truths_of(records), dataset.classes)
+    return {**rotated_stats(ev), "params": params, "eval_s": seconds, "eval_split": split.name}
 
 
 def train_yolo_classify(spec: dict[str, Any]) -> dict[str, Any]:
