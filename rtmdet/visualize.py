@@ -64,3 +64,23 @@ def draw_boxes(
         cv2.rectangle(out, (tx, ty - th - base), (tx + tw + 2, ty + base - 1), color, -1)
         cv2.putText(out, text, (tx + 1, ty - 1), cv2.FONT_HERSHEY_SIMPLEX, font_scale, text_color(color), 1, cv2.LINE_AA)
     return out
+
+
+def draw_rboxes(image: np.ndarray, rboxes: np.ndarray, labels: np.ndarray, wrong: np.ndarray,
+                scale: float) -> np.ndarray:
+    """Rotated boxes (cx, cy, w, h, angle; rtmdet.geometry.rotated's convention) times scale, in class
+    colours, a dot on the first corner; those flagged wrong also in a white outline."""
+    out = image.copy()
+    if len(rboxes):
+        cx, cy, w, h, a = np.asarray(rboxes, np.float64).reshape(-1, 5).T
+        u = np.stack([np.cos(a), np.sin(a)], -1)[:, None] * (w[:, None, None] / 2)  # the width axis
+        v = np.stack([-np.sin(a), np.cos(a)], -1)[:, None] * (h[:, None, None] / 2)
+        su, sv = np.array([-1, 1, 1, -1])[None, :, None], np.array([-1, -1, 1, 1])[None, :, None]
+        corners = (np.stack([cx, cy], -1)[:, None] + su * u + sv * v) * scale  # rbox_to_corners' order
+        for quad, label, bad in zip(corners, labels, wrong):
+            pts = np.round(quad).astype(np.int32)
+            if bad:
+                cv2.polylines(out, [pts], True, (255, 255, 255), 4, cv2.LINE_AA)
+            cv2.polylines(out, [pts], True, class_color(int(label)), 2, cv2.LINE_AA)
+            cv2.circle(out, tuple(int(v) for v in pts[0]), 3, class_color(int(label)), -1, cv2.LINE_AA)
+    return out

@@ -93,6 +93,33 @@ def test_rotated_nms_keeps_the_best_of_each_overlapping_group_per_class():
     assert rotated_nms(boxes[:0], scores[:0], 0.5).numel() == 0
 
 
+def _shapely_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, thr: float) -> list[int]:
+    """The textbook greedy NMS on shapely's polygon IoU."""
+    corners = rbox_to_corners(torch.from_numpy(boxes)).numpy()
+    order = list(np.argsort(-scores, kind="stable"))
+    keep: list[int] = []
+    while order:
+        i = order.pop(0)
+        keep.append(int(i))
+        order = [j for j in order if labels[j] != labels[i] or _shapely_iou(corners[i], corners[j]) <= thr]
+    return keep
+
+
+@pytest.mark.parametrize("thr", [0.1, 0.5])
+def test_rotated_nms_agrees_with_shapely_on_random_sets(thr):
+    rng = np.random.default_rng(int(thr * 10))
+    for _ in range(5):
+        n = 120
+        boxes = np.column_stack([rng.uniform(0, 100, (n, 2)), rng.uniform(4, 40, (n, 2)),
+                                 rng.uniform(-math.pi / 2, math.pi / 2, n)])
+        scores, labels = rng.permutation(n) / n, rng.integers(0, 3, n)
+        ref = _shapely_nms(boxes, scores, labels, thr)
+        got = rotated_nms(torch.from_numpy(boxes), torch.from_numpy(scores), thr, torch.from_numpy(labels))
+        assert got.tolist() == ref
+        assert rotated_nms(torch.from_numpy(boxes), torch.from_numpy(scores), thr, torch.from_numpy(labels),
+                           max_keep=7).tolist() == ref[:7]
+
+
 def test_rotated_iou_loss_is_zero_on_the_target_and_its_gradient_helps():
     from rtmdet.training.losses_rotated import rotated_iou_loss
 

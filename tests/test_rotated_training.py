@@ -200,10 +200,50 @@ def test_rotate_task_trains_validates_and_saves_a_loadable_checkpoint(tmp_path):
     image = cv2.imread(str(root / "valid" / "images" / "0.png"))
     dets, = RotatedPredictor(model, 96, "cpu", RotatedPostprocessConfig(score_thr=0.0, max_per_img=5))([image])
     assert dets.rboxes.shape[1] == 5 and len(dets.scores) <= 5
+    # The evaluate stage picks the rotated reports from the checkpoint's task.
+    from rtmdet.evaluation.stage import run_evaluation
+
+    metrics = run_evaluation(result.best, root, tmp_path / "reports", splits=("valid",), grid_images=2)
+    assert set(metrics) == {"valid"} and metrics["valid"]["num_images"] == 3
+    assert {"mAP", "mAP50", "AP/tile", "precision_at_conf"} <= set(metrics["valid"])
+    written = {p.name for p in (tmp_path / "reports" / "evaluate").iterdir()}
+    assert written == {"per_class_valid.csv", "per_class_valid.json", "pr_valid.json", "pr_valid.png",
+                       "worst_valid.png"}
+    assert (tmp_path / "reports" / "metrics" / "evaluate.json").is_file()
 
 
-def test_rotate_task_refuses_coco_annotation_files(tmp_path):
-    from rtmdet.errors import ConfigError
+def test_image_errors_count_misses_and_false_alarms_at_the_threshold():
+    from rtmdet.data.dota import RotatedRecord
+    from rtmdet.evaluation.rotated_stage import image_errors
 
-    with pytest.raises(ConfigError, match="DOTA-layout"):
-        train_task("rotate").parts.read_dataset(DataParams(root=str(tmp_path), train_ann_file="a.json"), False)
+    rec = RotatedRecord(0, Path("x.png"), 100, 100, np.array([[20, 20, 10, 6, 0.3], [70, 70, 12, 12, 0.0]], np.float32),
+                        np.array([0, 1]), np.array([False, False]))
+    det = RotatedDetections(np.array([[20, 20, 10, 6, 0.3], [70, 70, 12, 12, 0.0], [40, 40, 5, 5, 0.0]]),
+                            np.array([0.9, 0.8, 0.1], np.float32), np.array([0, 0, 1]))
+    missed, false = image_errors(det, rec, score_thr=0.05)
+    assert missed.tolist() == [False, True]  # the second box was found with the wrong class
+    assert false.tolist() == [False, True, True]
+    missed, false = image_errors(det, rec, score_thr=0.85)
+    assert missed.tolist() == [False, True] and false.tolist() == [False]
+
+
+def test_rotate_task_reads_coco_polygons_as_their_minimum_area_rectangles(tmp_path):
+    import json
+
+    box = torch.tensor([60.0, 40.0, 50.0, 16.0, 0.4], dtype=torch.float64)
+    quad = rbox_to_corners(box).numpy()
+    wiggle = np.array([[0.5 * (quad[0, 0] + quad[1, 0]), 0.5 * (quad[0, 1] + quad[1, 1])]])  # a point on an edge
+    poly = np.concatenate([quad[:1], wiggle, quad[1:]]).reshape(-1).round(3).tolist()
+    for split in ("train", "valid"):
+        (tmp_path / split).mkdir()
+        cv2.imwrite(str(tmp_path / split / "a.png"), np.zeros((90, 120, 3), np.uint8))
+        x, y = quad[:, 0], quad[:, 1]
+        doc = {"images": [{"id": 1, "file_name": "a.png", "width": 120, "height": 90}],
+               "categories": [{"id": 1, "name": "tile"}],
+               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": [poly],
+                                "bbox": [x.min(), y.min(), x.max() - x.min(), y.max() - y.min()], "area": 800.0}]}
+        (tmp_path / split / "_annotations.coco.json").write_text(json.dumps(doc))
+    ds = train_task("rotate").parts.read_dataset(DataParams(root=str(tmp_path)), False)
+    assert ds.classes == ["tile"] and set(ds.splits) == {"train", "valid"}
+    got = torch.from_numpy(ds.splits["train"].records[0].rboxes).double()
+    assert rotated_iou(got, box[None]).item() > 0.999

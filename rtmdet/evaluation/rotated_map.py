@@ -82,7 +82,8 @@ def _match(det: np.ndarray, scores: np.ndarray, gt: np.ndarray, difficult: np.nd
 
 def rotated_map(detections: Sequence[RotatedDetections], truths: Sequence[RotatedTruth], num_classes: int,
                 iou_thr: float = 0.5, mode: str = "11points") -> dict:
-    """{"mAP": float, "per_class": [{"ap", "num_gts", "num_dets", "recall"} per class]} at one IoU."""
+    """{"mAP": float, "per_class": [{"ap", "num_gts", "num_dets", "recall", "curve": (recall,
+    precision) arrays in score order} per class]} at one IoU."""
     if len(detections) != len(truths):
         raise ValueError(f"{len(detections)} images of detections but {len(truths)} of ground truth")
     per_class = []
@@ -101,7 +102,8 @@ def rotated_map(detections: Sequence[RotatedDetections], truths: Sequence[Rotate
         recall = tp / max(num_gts, eps)
         precision = tp / np.maximum(tp + fp, eps)
         per_class.append({"ap": average_precision(recall, precision, mode), "num_gts": num_gts,
-                          "num_dets": int(len(order)), "recall": float(recall[-1]) if len(recall) else 0.0})
+                          "num_dets": int(len(order)), "recall": float(recall[-1]) if len(recall) else 0.0,
+                          "curve": (recall, precision)})  # in score order: the PR curve's points
     aps = [r["ap"] for r in per_class if r["num_gts"] > 0]
     return {"mAP": float(np.mean(aps)) if aps else 0.0, "per_class": per_class}
 

@@ -14,7 +14,8 @@ Layout under out_dir (the pipeline points it at reports/):
   a segment model's: mask_* metrics, mask_AP/mask_AP50 columns, pr_mask_<split>.json/.png, and
   masks tinted in the worst-images grid
 A classifier checkpoint (meta task "classify") is scored on a class-folder dataset by
-rtmdet.evaluation.classify_stage instead: the same metrics file and folder, its own reports.
+rtmdet.evaluation.classify_stage instead, an RTMDet-R checkpoint (task "rotate") on a DOTA-layout
+dataset by rtmdet.evaluation.rotated_stage: the same metrics file and folder, their own reports.
 Every file is written to a temporary name in its folder and renamed, so a killed stage never
 leaves a half-written file. JSON never holds NaN: undefined numbers are null.
 """
@@ -60,8 +61,14 @@ def run_evaluation(
     checkpoint goes to classify_stage.evaluate_classifier (the thresholds do not apply to it)."""
     from rtmdet.data.coco import load_dataset
     from rtmdet.inference.predictor import Detector
-    from rtmdet.models.checkpoint import is_classifier_checkpoint, read_checkpoint
+    from rtmdet.models.checkpoint import checkpoint_task, is_classifier_checkpoint, read_checkpoint
 
+    if checkpoint_task(weights) == "rotate":
+        from rtmdet.evaluation.rotated_stage import evaluate_rotated_checkpoint
+
+        return evaluate_rotated_checkpoint(weights, data, out_dir, splits, device=device,
+                                           score_thr_confusion=score_thr_confusion, grid_images=grid_images,
+                                           batch_size=batch_size, image_size=image_size, require_all=require_all)
     if is_classifier_checkpoint(read_checkpoint(weights)):
         from rtmdet.evaluation.classify_stage import evaluate_classifier
 

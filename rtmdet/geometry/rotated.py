@@ -146,19 +146,38 @@ def _iou_aligned(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return torch.where(ok, iou.clamp(0.0, 1.0), torch.zeros_like(iou))
 
 
-def rotated_nms(boxes: Tensor, scores: Tensor, iou_thr: float, labels: Tensor | None = None) -> Tensor:
+def rotated_nms(boxes: Tensor, scores: Tensor, iou_thr: float, labels: Tensor | None = None,
+                max_keep: int | None = None) -> Tensor:
     """Greedy NMS of rotated boxes [N, 5] by score; with labels, boxes of different classes never
-    suppress each other. Returns the kept indices, highest score first."""
+    suppress each other. Returns the kept indices, highest score first (at most max_keep: the
+    greedy pass stops there, the same first max_keep as a full pass).
+
+    Each kept box is intersected only with the boxes still alive after it whose circumscribed
+    circles meet its own: the cost grows with kept x near boxes, not N^2."""
     if boxes.shape[0] == 0:
         return torch.zeros((0,), dtype=torch.long, device=boxes.device)
     order = scores.argsort(descending=True)
-    boxes, sorted_labels = boxes[order], None if labels is None else labels[order]
-    iou = rotated_iou(boxes, boxes)
-    if sorted_labels is not None:
-        iou = torch.where(sorted_labels[:, None] == sorted_labels[None, :], iou, torch.zeros_like(iou))
-    over = (iou > iou_thr).triu(diagonal=1).cpu().numpy()
-    keep = np.ones(len(over), bool)
-    for i in range(len(over)):
-        if keep[i]:
-            keep[i + 1:] &= ~over[i, i + 1:]
-    return order[torch.from_numpy(np.flatnonzero(keep)).to(order.device)]
+    b = boxes[order]
+    lab = None if labels is None else labels[order]
+    radius = b[:, 2:4].norm(dim=1) / 2
+    alive = torch.ones(len(b), dtype=torch.bool, device=b.device)
+    kept: list[int] = []
+    limit = len(b) if max_keep is None else max_keep
+    i = 0
+    while len(kept) < limit:
+        rest = alive[i:].nonzero()
+        if rest.numel() == 0:
+            break
+        i += int(rest[0])
+        kept.append(i)
+        alive[i] = False
+        near = alive.clone()
+        near[:i] = False
+        near &= (b[:, :2] - b[i, :2]).norm(dim=1) < radius + radius[i]
+        if lab is not None:
+            near &= lab == lab[i]
+        j = near.nonzero().squeeze(1)
+        if j.numel():
+            iou = _iou_aligned(b[i].expand(len(j), 5), b[j])
+            alive[j[iou > iou_thr]] = False
+    return order[torch.tensor(kept, dtype=torch.long, device=b.device)]

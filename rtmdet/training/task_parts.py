@@ -167,20 +167,22 @@ class ClassParts:
 
 
 class RotParts:
-    """rotate: RTMDet-R on DOTA-layout datasets (rtmdet.data.dota), rotated mAP validation,
-    MMRotate-layout checkpoints."""
+    """rotate: RTMDet-R on DOTA-layout datasets (rtmdet.data.dota) or COCO instance polygons
+    (rtmdet.data.coco_rotated), rotated mAP validation, MMRotate-layout checkpoints."""
 
     distills = False
     uses_priors = True
 
     def prepare(self, data: DataParams, model: ModelParams, masks: bool, out_dir: Path, reports: Path) -> None:
-        """The prepare stage: check the DOTA-layout dataset, write its listing and statistics."""
+        """The prepare stage: check the dataset, write its rotated boxes' listing and statistics, and
+        a grid of augmented training samples with their rotated boxes."""
         from rtmdet.data.dota import summarize, write_prepared
         from rtmdet.fileio import write_json_atomic
 
         dataset = self.read_dataset(data, masks)
         write_prepared(dataset, out_dir)
         write_json_atomic(reports / "stats.json", summarize(dataset))
+        _rotated_augmented_grid(dataset, model.imgsz, reports / "augmented.png")
 
     def load_prepared(self, prepared_dir: Path, masks: bool) -> Any:
         from rtmdet.data.dota import read_prepared
@@ -188,13 +190,17 @@ class RotParts:
         return read_prepared(prepared_dir)
 
     def read_dataset(self, data: DataParams, masks: bool) -> Any:
-        from rtmdet.data.dota import load_dota
+        """A DOTA-layout folder (train/labelTxt or train/annfiles), else a COCO dataset whose
+        instance segmentations become rotated boxes (rtmdet.data.coco_rotated)."""
+        from rtmdet.data.coco_rotated import load_coco_rotated
+        from rtmdet.data.dota import LABEL_FOLDERS, load_dota
 
-        explicit = [k for k in ("train_ann_file", "val_ann_file", "test_ann_file") if getattr(data, k)]
-        if explicit:
-            raise ConfigError(f"model.task rotate reads DOTA-layout folders (root/train/images, root/train/labelTxt); "
-                              f"data.{explicit[0]} applies to COCO datasets only")
-        dataset = load_dota(data.root)
+        splits = data.split_files()
+        train = Path(data.root or ".") / "train"
+        if splits is None and any((train / name).is_dir() for name in LABEL_FOLDERS):
+            dataset = load_dota(data.root)
+        else:
+            dataset = load_coco_rotated(data.root if splits is None else Path(data.root), splits=splits)
         if data.num_classes is not None and data.num_classes != len(dataset.classes):
             raise ConfigError(f"data.num_classes is {data.num_classes} but {data.root} has {len(dataset.classes)} "
                               f"classes ({', '.join(dataset.classes)})")
@@ -238,6 +244,29 @@ class RotParts:
         from rtmdet.models.checkpoint import checkpoint_dict
 
         return checkpoint_dict(weights, dataset.classes, extra_meta={"mmrotate_compatible": True})
+
+
+def _rotated_augmented_grid(dataset: Any, imgsz: int, path: Path, count: int = 8, tile: int = 256) -> None:
+    """reports/prepare/augmented.png of the rotate task: the first training samples as the trainer's
+    pipeline makes them (epoch 0), their rotated boxes drawn."""
+    import cv2
+    import numpy as np
+
+    from rtmdet.data.pipeline import SampleKey
+    from rtmdet.data.rotated_pipeline import RotatedPipelineConfig, RotatedTrainDataset
+    from rtmdet.fileio import write_atomic
+    from rtmdet.visualize import draw_rboxes
+
+    train = RotatedTrainDataset(dataset.splits["train"].records, RotatedPipelineConfig(imgsz), filter_empty=True)
+    tiles = []
+    for i in range(min(count, len(train))):
+        image, rboxes, labels = train[SampleKey(0, 0, 1, i, i)]
+        small = cv2.resize(image, (tile, tile), interpolation=cv2.INTER_AREA)
+        tiles.append(draw_rboxes(small, rboxes, labels, np.zeros(len(labels), bool), tile / imgsz))
+    tiles += [np.full((tile, tile, 3), 255, np.uint8)] * (-len(tiles) % 4)
+    rows = [np.hstack(tiles[k:k + 4]) for k in range(0, len(tiles), 4)]
+    ok, png = cv2.imencode(".png", np.vstack(rows))
+    write_atomic(path, png.tobytes())
 
 
 def load_classifier_init(model: nn.Module, path: str) -> None:
