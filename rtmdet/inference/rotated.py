@@ -87,6 +87,6 @@ def postprocess_rotated(cls_scores: list[Tensor], bbox_preds: list[Tensor], angl
         sc, lb = torch.cat(scores), torch.cat(labels)
         ok = (rb[:, 2] > cfg.min_bbox_size) & (rb[:, 3] > cfg.min_bbox_size)
         rb, sc, lb = rb[ok], sc[ok], lb[ok]
-        kept = rotated_nms(rb, sc, cfg.iou_thr, lb)[: cfg.max_per_img]
+        kept = rotated_nms(rb, sc, cfg.iou_thr, lb, max_keep=cfg.max_per_img)
         out.append((rb[kept], sc[kept], lb[kept]))
     return out
