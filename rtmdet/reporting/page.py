@@ -26,6 +26,8 @@ MEANING = {
     "mAP_large": "AP, large boxes (> 96² px)", "AR1": "AR, 1 detection per image",
     "AR10": "AR, 10 detections per image", "AR100": "AR, 100 detections per image",
     "AR_small": "AR, small boxes", "AR_medium": "AR, medium boxes", "AR_large": "AR, large boxes",
+    "mAP_area": "rotated AP, IoU 0.50:0.95, area under the curve (RTMDet-R; its mAP*: VOC07 11-point)",
+    "mAP50_area": "rotated AP, IoU 0.50, area under the curve", "mAP75_area": "rotated AP, IoU 0.75, area",
     "precision_at_conf": "precision at the confusion threshold (IoU 0.50)",
     "recall_at_conf": "recall at the confusion threshold", "f1_at_conf": "F1 at the confusion threshold",
     "images_per_s": "inference speed of the evaluate stage", "num_images": "images scored",
@@ -59,7 +61,8 @@ def readme_page(reports: Path, evaluate: dict[str, dict[str, Any]], params: dict
     lines += _distillation_section(reports)
     lines += _training_section(reports, files)
     lines += _per_class_section(reports, evaluate)
-    lines += _evaluate_plots_section(reports, list(evaluate))
+    rotated = any("mAP_area" in v for v in evaluate.values())  # RTMDet-R draws no confusion matrix or AP bars
+    lines += _evaluate_plots_section(reports, list(evaluate), skip=("confusion", "per_class_ap") if rotated else ())
     lines += _prepare_section(reports)
     lines += _params_section(params)
     return "\n".join(lines), files
@@ -67,7 +70,7 @@ def readme_page(reports: Path, evaluate: dict[str, dict[str, Any]], params: dict
 
 def _title(evaluate: dict[str, dict[str, Any]], params: dict[str, Any], run_name: str | None) -> list[str]:
     model = params.get("model")
-    kind = "CSPNeXt classifier" if model and model.task == "classify" else "RTMDet"
+    kind = {"classify": "CSPNeXt classifier", "rotate": "RTMDet-R"}.get(model.task, "RTMDet") if model else "RTMDet"
     what = f"{kind}-{model.size} at {model.imgsz} px" if model else "RTMDet"
     head = [f"# Run report: {what}" + (f", experiment `{run_name}`" if run_name else ""), ""]
     scores = [(f"{split} top-1 {fmt(v.get('top1'))}, top-5 {fmt(v.get('top5'))}" if "top1" in v else
@@ -87,8 +90,8 @@ def _metrics_section(evaluate: dict[str, dict[str, Any]]) -> list[str]:
     names = list(dict.fromkeys(k for v in evaluate.values() for k in v if "/" not in k))
     rows = [[f"`{n}`", _meaning(n), *(fmt(evaluate[s].get(n), DIGITS.get(n, 4)) for s in splits)]
             for n in names]  # fmt: skip
-    return ["## Metrics", "", "COCO bbox (and for a segment model segm, as mask_*) metrics, or a classifier's "
-            "accuracy, of `models/best.pt` (`metrics/evaluate.json`); "
+    return ["## Metrics", "", "COCO bbox (and for a segment model segm, as mask_*) metrics, a rotated-box model's "
+            "DOTA-style rotated mAP, or a classifier's accuracy, of `models/best.pt` (`metrics/evaluate.json`); "
             "a dash is a number left undefined (no boxes of that size, top-5 under 5 classes).", "",
             table(["metric", "meaning", *splits], rows, align="ll" + "r" * len(splits)), ""]  # fmt: skip
 
@@ -184,11 +187,13 @@ def _per_class_section(reports: Path, evaluate: dict[str, dict[str, Any]]) -> li
     return lines
 
 
-def _evaluate_plots_section(reports: Path, splits: Sequence[str]) -> list[str]:
+def _evaluate_plots_section(reports: Path, splits: Sequence[str], skip: Sequence[str] = ()) -> list[str]:
     lines = ["## Evaluation plots", ""]
     for split in splits:
         lines += [f"### {split}", ""]
         for key, caption in EVALUATE_PNGS:
+            if key in skip:
+                continue
             rel = EVALUATE_DIR / f"{key}_{split}.png"
             if (reports / rel).is_file():
                 lines += [f"**{caption}**", "", image(rel.as_posix(), f"{caption}, {split}"), ""]
