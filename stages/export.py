@@ -1,7 +1,9 @@
 """DVC stage `export`: models/best.pt to ONNX and TFLite fp32 / fp16 / int8 in models/export/.
 
 int8 is calibrated on `export.calib_images` images of the prepared train split, pre-processed
-exactly as at inference. Offline: nothing is read but the checkpoint and the user's images.
+exactly as at inference. Offline: nothing is read but the checkpoint and the user's images. The
+checkpoint's task picks its outputs (a segment model adds kernels and mask features, an RTMDet-R
+its angles) and its dataset (an RTMDet-R calibrates on the DOTA-layout listing).
 """
 
 import shutil

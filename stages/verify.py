@@ -13,7 +13,8 @@ from rtmdet.training.tasks import train_task
 
 def main() -> None:
     v = load_params(sections=("verify",))["verify"]
-    # The checkpoint says the task: a segment model is verified on its masks too, a classifier on top-1.
+    # The checkpoint says the task: a segment model is verified on its masks too, a classifier on top-1,
+    # an RTMDet-R (rotate) by rotated mAP on its DOTA-layout validation split.
     task = train_task(checkpoint_task(Path("models/best.pt")))
     dataset = task.parts.load_prepared(Path("data/prepared"), task.masks)
     run_verify(Path("models/best.pt"), Path("models/export"), Path("models/qat"), dataset,

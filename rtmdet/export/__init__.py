@@ -7,6 +7,7 @@ runs, so `rtmdet --help` stays fast and a missing optional package gives a clear
     export_tflite(model, out_dir, precisions, ...)  rtmdet.export.tflite
     detector_from_export(path)                      rtmdet.export.backends
     export_classifier_onnx / _tflite, score_classifier_export   rtmdet.export.classify
+    rotated_from_export(path), rotated_from_checkpoint(path)    rtmdet.export.rotated (RTMDet-R)
 """
 
 from importlib import import_module
@@ -30,6 +31,8 @@ _EXPORTS = {
     "export_classifier_tflite": "rtmdet.export.classify",
     "score_classifier_export": "rtmdet.export.classify",
     "read_meta": "rtmdet.export.sidecar",
+    "rotated_from_export": "rtmdet.export.rotated",
+    "rotated_from_checkpoint": "rtmdet.export.rotated",
 }
 __all__ = ["ExportError", *_EXPORTS]
 

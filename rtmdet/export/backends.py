@@ -1,8 +1,9 @@
 """ONNX Runtime and TFLite backends for the shared `Detector`, built from an exported file.
 
 Each backend takes the same uint8 BGR letterboxed batch as the torch backend and returns the
-same per-level maps (class logits [N, C, H, W], distances in pixels [N, 4, H, W]), so the one
-pre- and post-process in rtmdet.inference runs on every format. Outputs are matched to levels
+same per-level maps (class logits [N, C, H, W], distances in pixels [N, 4, H, W]; a segment
+model's kernels and mask features, a rotate model's angles after them), so the one pre- and
+post-process in rtmdet.inference runs on every format (rotated boxes: rtmdet.export.rotated). Outputs are matched to levels
 by the names in the sidecar, never by order or shape (TFLite files reorder their outputs).
 """
 
@@ -29,7 +30,8 @@ RUNTIME_INSTALL = "pip install 'rtmdet[onnx]' (ONNX Runtime) or pip install ai-e
 def to_level_maps(outs: dict[str, np.ndarray], meta: ExportMeta) -> tuple:
     """Named outputs -> the Backend's maps. Outputs are channels-last, [N, H*W, C] (ONNX) or
     [N, H, W, C] (TFLite), logits and distances in stride units; both hold the same bytes. A
-    segment model's kernels and mask features come as two more entries (NCHW, as torch's)."""
+    segment model's kernels and mask features come as two more entries (NCHW, as torch's), a
+    rotate model's angles per level as one more (radians, [N, 1, H, W])."""
     cls_maps, reg_maps = [], []
     for stride, cls_name, reg_name in zip(meta.strides, meta.cls_outputs, meta.reg_outputs):
         side = meta.image_size // stride
@@ -41,6 +43,9 @@ def to_level_maps(outs: dict[str, np.ndarray], meta: ExportMeta) -> tuple:
                                   f"for stride {stride}")
             # Multiplying by a power-of-two stride is exact in float32.
             dest.append(out.reshape(n, side, side, c).permute(0, 3, 1, 2) * scale)
+    if meta.angle_outputs:
+        return cls_maps, reg_maps, [_nchw(outs[name], meta.image_size // stride, name)
+                                    for stride, name in zip(meta.strides, meta.angle_outputs)]
     if not meta.kernel_outputs:
         return cls_maps, reg_maps
     kernels = apply_kernel_scale([_nchw(outs[name], meta.image_size // stride, name) for stride, name in
@@ -77,8 +82,7 @@ class OnnxRuntimeBackend:
         check_contract(self.path, self.meta, "onnx", inputs, {o.name: o.shape for o in self.session.get_outputs()})
         batch = inputs[self.meta.input_name][0]
         self.static_batch = batch if isinstance(batch, int) else None
-        self.output_names = [*self.meta.cls_outputs, *self.meta.reg_outputs, *self.meta.kernel_outputs,
-                             *([self.meta.mask_output] if self.meta.mask_output else [])]
+        self.output_names = [*self.meta.cls_outputs, *self.meta.reg_outputs, *extra_outputs(self.meta)]
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """[N, 3, S, S] float pixels -> raw outputs by name (static-batch files run in chunks)."""
@@ -258,23 +262,29 @@ def _contract_problem(meta: ExportMeta, fmt: str, inputs: dict[str, Sequence],
         return f"its format is {meta.format!r}, not {fmt!r}"
     if meta.input_name not in inputs:
         return f"the model has no input named {meta.input_name!r} (it has {', '.join(inputs)})"
-    extra = [*meta.kernel_outputs, *([meta.mask_output] if meta.mask_output else [])]
-    missing = [n for n in (*meta.cls_outputs, *meta.reg_outputs, *extra) if n not in outputs]
+    missing = [n for n in (*meta.cls_outputs, *meta.reg_outputs, *extra_outputs(meta)) if n not in outputs]
     if missing:
         return f"outputs {', '.join(missing)} named in the sidecar are not in the model (it has {', '.join(outputs)})"
     input_dims = _dims(inputs[meta.input_name])
     side = input_dims[2:4] if fmt == "onnx" else input_dims[1:3]  # ONNX takes NCHW, TFLite NHWC
     if any(d is not None and d != meta.image_size for d in side):
         return f"image size {meta.image_size} in the sidecar, but the model takes {'x'.join(map(_dim_text, side))}"
-    for stride, cls_name, reg_name in zip(meta.strides, meta.cls_outputs, meta.reg_outputs):
+    angles = meta.angle_outputs or [None] * len(meta.strides)
+    for stride, cls_name, reg_name, ang_name in zip(meta.strides, meta.cls_outputs, meta.reg_outputs, angles):
         cells = (meta.image_size // stride) ** 2
-        for name, channels, what in ((cls_name, len(meta.classes), "classes"), (reg_name, 4, "box distances")):
+        checks = [(cls_name, len(meta.classes), "classes"), (reg_name, 4, "box distances")]
+        for name, channels, what in checks + ([(ang_name, 1, "angles")] if ang_name else []):
             shape = _dims(outputs[name])
             cell_dims = shape[1:-1]  # ONNX [N, H*W, C], TFLite [1, H, W, C]
             if None not in shape[1:] and (len(shape) < 3 or shape[-1] != channels or np.prod(cell_dims) != cells):
                 return (f"output {name} has shape [{', '.join(map(_dim_text, shape))}], not {cells} cells of "
                         f"{channels} {what} (stride {stride} at {meta.image_size} px)")
     return None
+
+
+def extra_outputs(meta: ExportMeta) -> list[str]:
+    """The outputs a task adds to the class logits and distances, in the graph's order."""
+    return [*meta.kernel_outputs, *([meta.mask_output] if meta.mask_output else []), *meta.angle_outputs]
 
 
 def _dims(shape: Sequence) -> list[int | None]:
@@ -310,6 +320,9 @@ def detector_from_export(path: str | Path, class_names: Sequence[str] | None = N
     from rtmdet.inference.predictor import Detector
 
     backend = open_backend(path, threads)
+    if backend.meta.angle_outputs:
+        raise ExportError(f"{path}: a rotated-box (RTMDet-R) export; run it with "
+                          "rtmdet.export.rotated.rotated_from_export, which returns rotated boxes")
     names = list(class_names) if class_names is not None else backend.meta.classes
     if len(names) != len(backend.meta.classes):
         raise ExportError(f"{path}: {len(names)} class names given for a model with {len(backend.meta.classes)} classes")

@@ -25,7 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx or tflite")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=("fp32", "fp16", "int8"),
                    help="one or more (tflite); onnx is fp32 (default fp32)")
-    p.add_argument("--data", type=Path, default=None, help="dataset root whose train split calibrates int8")
+    p.add_argument("--data", type=Path, default=None, help="dataset root whose train split calibrates int8 (COCO; "
+                   "DOTA layout for a rotate model)")
     p.add_argument("--calib-images", type=int, default=100, help="calibration images for int8 (default 100)")
     p.add_argument("--int8-io", choices=("float", "int8", "uint8"), default="float",
                    help="int8 file input/output type: float (default), or int8/uint8 for raw-pixel device input")
@@ -41,8 +42,9 @@ def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] =
                       image_size: int | None = None, calib_seed: int = 0) -> list[Path]:
     """Export a checkpoint file; returns the model files written (each has a .json sidecar).
 
-    data: the dataset root (or a loaded DetectionDataset) whose train split calibrates int8. A
-    classifier checkpoint goes to rtmdet.export.classify (data: a class-folder dataset root)."""
+    data: the dataset root (or a loaded DetectionDataset) whose train split calibrates int8; for an
+    RTMDet-R (task rotate) a DOTA-layout root or a loaded RotatedDataset. A classifier checkpoint
+    goes to rtmdet.export.classify (data: a class-folder dataset root)."""
     from dataclasses import replace
 
     from rtmdet.models.checkpoint import class_names_of, is_classifier_checkpoint, model_from_checkpoint, \
@@ -57,8 +59,8 @@ def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] =
         return export_classifier_checkpoint(weights, ckpt, fmt, precisions, data=data, calib_images=calib_images,
                                             int8_io=int8_io, out=out, dynamic_batch=dynamic_batch,
                                             image_size=image_size, calib_seed=calib_seed, sha256=_sha256(weights))
-    # Segment models too: their kernels and mask features are more outputs.
-    model = model_from_checkpoint(ckpt, weights, tasks=("detect", "segment"))
+    # Segment and rotate models too: their kernels and mask features, or angles, are more outputs.
+    model = model_from_checkpoint(ckpt, weights, tasks=("detect", "segment", "rotate"))
     if image_size is not None:
         model.cfg = replace(model.cfg, image_size=image_size)
     if model.cfg.image_size % 32 or model.cfg.image_size < 32:
@@ -79,12 +81,25 @@ def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] =
 
     calibration, files = None, []
     if "int8" in precisions:
-        calibration, files = load_calibration(calibration_files(data, calib_images, calib_seed), model.cfg.image_size)
+        read = DATASET_READERS.get(model.cfg.task) if isinstance(data, (str, Path)) else None
+        source_data = read(data) if read else data  # the task's own layout; COCO otherwise
+        calibration, files = load_calibration(calibration_files(source_data, calib_images, calib_seed),
+                                              model.cfg.image_size)
         where = data if isinstance(data, (str, Path)) else Path(files[0]).parent
         log.info("calibrating int8 on %d images of %s (train split)", len(files), where)
     results = export_tflite(model, out, precisions, calibration=calibration, calib_files=files,
                             int8_io=int8_io, stem=weights.stem, **common)
     return [r.path for r in results]
+
+
+def _read_dota(root: str | Path):
+    from rtmdet.data.dota import load_dota
+
+    return load_dota(root)
+
+
+# model.task -> how its --data folder is read, where it is not a COCO dataset (int8 calibration).
+DATASET_READERS = {"rotate": _read_dota}
 
 
 def _check_request(fmt: str, precisions: Sequence[str], data, calib_images: int, dynamic_batch: bool) -> None:

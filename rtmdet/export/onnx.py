@@ -3,6 +3,8 @@
 Output layout, per stride s in (8, 16, 32):
   `cls_s{s}`: [N, H*W, num_classes] class logits (no sigmoid), row-major cells
   `reg_s{s}`: [N, H*W, 4] (left, top, right, bottom) distances in STRIDE units
+  `ang_s{s}`: [N, H*W, 1] angles in radians, raw (rotate models, RTMDet-R; their distances are
+             measured along the box's own axes, decoded by rtmdet.inference.rotated)
 This is SSCMA's layout, so device code written for SSCMA's RTMDet reads ours. The TFLite
 files have the same outputs as NHWC maps [1, H, W, C]: the same bytes (see tflite.py).
 Measured on a nano at 192 (random weights made lively, 100 calibration / 50 valid facemask
@@ -61,9 +63,16 @@ def mask_output_names(strides: tuple[int, ...] | list[int]) -> tuple[list[str], 
     return [f"ker_s{s}" for s in strides], MASK_FEAT_NAME
 
 
+def angle_output_names(strides: tuple[int, ...] | list[int]) -> list[str]:
+    """A rotate model's extra outputs: its angle per cell and level (radians, [N, H*W, 1])."""
+    return [f"ang_s{s}" for s in strides]
+
+
 def all_output_names(model: "RTMDet") -> list[str]:
     """Every output of the export, in the graph's order."""
     cls_names, reg_names = output_names(model.strides)
+    if model.cfg.task == "rotate":
+        return cls_names + reg_names + angle_output_names(model.strides)
     if model.cfg.task != "segment":
         return cls_names + reg_names
     ker_names, mask_name = mask_output_names(model.strides)
@@ -103,10 +112,13 @@ def input_normalization(mean: "torch.Tensor", std: "torch.Tensor") -> "torch.nn.
 def _wrapper(model: "RTMDet", layout: str = "flat"):
     from torch import nn
 
+    task = model.cfg.task
+
     class ExportWrapper(nn.Module):
         """Raw pixels in, six per-level tensors out (distances in stride units): flattened
         [N, H*W, C] ("flat") or the head's own NCHW maps ("maps", what onnx2tf is given). A
-        segment model adds its per-level kernels and the mask features, laid out alike."""
+        segment model adds its per-level kernels and the mask features, a rotate model its
+        per-level angles, laid out alike."""
 
         def __init__(self, model: "RTMDet"):
             super().__init__()
@@ -120,8 +132,10 @@ def _wrapper(model: "RTMDet", layout: str = "flat"):
         def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
             outputs = self.net(self.normalize(images))
             maps = [*outputs[0], *outputs[1]]
-            if len(outputs) == 4:  # segment: kernels per level, then the mask features
+            if task == "segment":  # kernels per level, then the mask features
                 maps += [*outputs[2], outputs[3]]
+            elif task == "rotate":  # angles per level (radians: no stride in them)
+                maps += [*outputs[2]]
             if layout == "maps":
                 return tuple(maps)
             return tuple(t.permute(0, 2, 3, 1).flatten(1, 2) for t in maps)
@@ -259,6 +273,8 @@ def base_meta(model: "RTMDet", classes: list[str] | None, category_ids: list[int
                       source=dict(source or {}), rtmdet_version=__version__)
     if model.cfg.task == "segment":
         meta.kernel_outputs, meta.mask_output = mask_output_names(model.strides)
+    elif model.cfg.task == "rotate":
+        meta.angle_outputs = angle_output_names(model.strides)
     return meta
 
 

@@ -46,6 +46,19 @@ CONVENTIONS = {
                     "q = clip(round(x / scale) + zero_point)",
 }
 
+# A rotate model's (RTMDet-R's) conventions replace and add to those above.
+ROTATE_CONVENTIONS = {
+    "reg": "per level 4 distances per cell (left, top, right, bottom) in units of the level's stride, "
+           "measured along the box's own axes from the cell point (x, y) = (col * stride, row * stride)",
+    "angles": "rotate models only (angle_outputs): per level 1 angle per cell, radians, raw. With a the "
+              "angle and l, t, r, b the distances x stride: w = l + r, h = t + b, centre = (x, y) + "
+              "(cos a * (r - l) / 2 - sin a * (b - t) / 2, sin a * (r - l) / 2 + cos a * (b - t) / 2); "
+              "a positive angle turns the width axis from +x towards +y; normalize it to [-pi/2, pi/2) "
+              "(le90), as rtmdet.inference.rotated.decode_rotated (mmrotate's DistanceAnglePointCoder)",
+    "nms": "not in the model: class-aware rotated NMS at IoU 0.1 after a 0.05 score threshold "
+           "(mmrotate's test_cfg, rtmdet.inference.rotated.postprocess_rotated)",
+}
+
 
 @dataclass
 class ExportMeta:
@@ -78,12 +91,22 @@ class ExportMeta:
     # segment models, TFLite files made with calibration images: per level, each kernel channel's
     # scale (the file's kernel outputs x this = the model's); null = unscaled (export/kernel_scale.py)
     kernel_scale: list[list[float]] | None = None
+    angle_outputs: list[str] = field(default_factory=list)  # rotate models: one per stride
+
+    @property
+    def task(self) -> str:
+        """detect, segment or rotate: what the extra outputs say (the sidecar of a box model has none)."""
+        return "segment" if self.kernel_outputs else "rotate" if self.angle_outputs else "detect"
 
     def to_json(self) -> str:
         d = {"rtmdet_export": SCHEMA, **asdict(self), "conventions": CONVENTIONS}
-        if not self.kernel_outputs:  # a box model's sidecar stays as it was
-            del d["kernel_outputs"], d["mask_output"], d["kernel_scale"]
-            d["conventions"] = {k: v for k, v in CONVENTIONS.items() if k != "masks"}
+        # Each task's sidecar holds its own fields only: a box model's stays as it was.
+        unused = {"segment": ("angle_outputs",), "rotate": ("kernel_outputs", "mask_output", "kernel_scale"),
+                  "detect": ("kernel_outputs", "mask_output", "kernel_scale", "angle_outputs")}[self.task]
+        for key in unused:
+            del d[key]
+        conventions = {**CONVENTIONS, **ROTATE_CONVENTIONS} if self.task == "rotate" else CONVENTIONS
+        d["conventions"] = {k: v for k, v in conventions.items() if self.task == "segment" or k != "masks"}
         return json.dumps(d, indent=2) + "\n"
 
     @classmethod
@@ -160,6 +183,8 @@ def _check_fields(path: Path, meta: ExportMeta) -> None:
         ("kernel_scale", meta.kernel_scale is None or (
             meta.kernel_outputs != [] and _scales(meta.kernel_scale, levels, KERNEL_PARAMS)),
          f"null, or (segment models) {levels} lists of {KERNEL_PARAMS} positive numbers"),
+        ("angle_outputs", meta.angle_outputs == [] or (_names(meta.angle_outputs, levels) and not meta.kernel_outputs),
+         f"empty, or (rotate models) one output name per stride ({levels} in strides)"),
     )
     for key, ok, expected in checks:
         if not ok:

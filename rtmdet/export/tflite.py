@@ -296,16 +296,37 @@ def _flatten(out: np.ndarray) -> np.ndarray:
 def match_outputs(outs: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, str]:
     """Our output name -> the TFLite tensor that holds it, whatever the file calls it.
 
-    Levels and cls/reg differ in shape unless the model has 4 classes; outputs of equal shape
-    (cls and reg of one level then) go to the candidate that correlates best with torch's.
+    Outputs are told apart by shape, and outputs of equal shape (cls and reg of one level with 4
+    classes; cls and a rotate model's angles with 1 class) by their values: of all ways to pair
+    them, the one whose outputs correlate best with torch's (then the one closest to them). One
+    output at a time instead, a 1-class RTMDet-R's flat class logits could take its angles' tensor.
     """
+    import itertools
+
     mapping: dict[str, str] = {}
-    for ours, r in ref.items():
-        candidates = [t for t, o in outs.items() if o.shape == r.shape and t not in mapping.values()]
-        if not candidates:
-            raise ExportError(f"TFLite model has no output of shape {list(r.shape)} for {ours}")
-        mapping[ours] = max(candidates, key=lambda t: _correlation(outs[t], r))
+    shapes = list(dict.fromkeys(r.shape for r in ref.values()))
+    for shape in shapes:
+        ours = [name for name, r in ref.items() if r.shape == shape]
+        theirs = [t for t, o in outs.items() if o.shape == shape]
+        if len(theirs) < len(ours):
+            raise ExportError(f"TFLite model has no output of shape {list(shape)} for {ours[len(theirs)]}")
+        pairs = {(a, b): _likeness(outs[b], ref[a]) for a in ours for b in theirs}
+        if len(theirs) > 6:  # a greedy choice then; no export has more than 4 of one shape
+            for a in ours:
+                mapping[a] = max((b for b in theirs if b not in mapping.values()), key=lambda b: pairs[a, b])
+            continue
+        best = max(itertools.permutations(theirs, len(ours)),
+                   key=lambda perm: tuple(map(sum, zip(*(pairs[a, b] for a, b in zip(ours, perm))))))
+        mapping.update(zip(ours, best))
     return mapping
+
+
+def _likeness(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(correlation rounded to 1e-3, minus the mean abs difference relative to torch's): how well a
+    TFLite output stands for a torch one; the difference decides between near-equal correlations
+    (a constant output correlates with nothing)."""
+    scale = float(np.abs(ref).mean()) or 1.0
+    return round(_correlation(out, ref), 3), -float(np.abs(out - ref).mean()) / scale
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:

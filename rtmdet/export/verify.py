@@ -12,7 +12,7 @@ the stage with one line per offending format, after verify.json has been written
 can be read.
 
 A classifier checkpoint goes the same way by top-1 instead of mAP (rtmdet.export.verify_classify),
-chosen in run_verify by the checkpoint's task.
+an RTMDet-R by rotated mAP (rtmdet.export.verify_rotated), chosen in run_verify by the checkpoint's task.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rtmdet.data.class_folders import ClassificationDataset
+from rtmdet.data.dota import RotatedDataset
 from rtmdet.data.records import DetectionDataset
 from rtmdet.errors import RTMDetError
 from rtmdet.failpoints import kill_point
@@ -182,30 +183,40 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _is_classifier(weights: Path, dataset) -> bool:
-    """Whether `weights` holds a classifier (the one dispatch point); one line when the dataset is
-    of the other kind."""
-    from rtmdet.models.checkpoint import is_classifier_checkpoint, read_checkpoint
+def _task(weights: Path, dataset) -> str:
+    """The checkpoint's task (the one dispatch point: classify, rotate, or the detector path for
+    detect and segment); one line when the dataset is of another kind."""
+    from rtmdet.models.checkpoint import CLASSIFY, config_from_checkpoint, is_classifier_checkpoint, read_checkpoint
 
-    classifier = is_classifier_checkpoint(read_checkpoint(weights))
-    if classifier != isinstance(dataset, ClassificationDataset):
-        model, data = ("a classifier", "a detection dataset") if classifier else ("a detector", "class folders")
+    ckpt = read_checkpoint(weights)
+    task = CLASSIFY if is_classifier_checkpoint(ckpt) else config_from_checkpoint(ckpt, weights).task
+    kinds = {CLASSIFY: ("a classifier", ClassificationDataset), "rotate": ("an RTMDet-R (rotate)", RotatedDataset)}
+    model, wanted = kinds.get(task, ("a detector", DetectionDataset))
+    if not isinstance(dataset, wanted):
+        data = next((words for kind, words in ((ClassificationDataset, "class folders"),
+                                               (RotatedDataset, "a DOTA-layout rotated-box dataset"),
+                                               (DetectionDataset, "a detection dataset"))
+                     if isinstance(dataset, kind)), type(dataset).__name__)
         raise VerifyError(f"{weights}: {model} checkpoint, but the dataset given is {data}")
-    return classifier
+    return task
 
 
 def run_verify(weights: str | Path, export_dir: str | Path | None, qat_dir: str | Path | None,
-               dataset: DetectionDataset | ClassificationDataset, out: str | Path, *, split: str = "valid",
-               threads: int = 2, latency_images: int = 50, batch_size: int = 8, max_drop: float = 0.02,
-               int8_max_drop: float = 0.05) -> dict[str, Any]:
+               dataset: DetectionDataset | ClassificationDataset | RotatedDataset, out: str | Path, *,
+               split: str = "valid", threads: int = 2, latency_images: int = 50, batch_size: int = 8,
+               max_drop: float = 0.02, int8_max_drop: float = 0.05) -> dict[str, Any]:
     """Score everything, write `out` (verify.json), then fail if a format drifted too far. A
-    classifier checkpoint is verified by top-1 on a class-folder dataset (verify_classify)."""
-    if _is_classifier(Path(weights), dataset):
+    classifier checkpoint is verified by top-1 on a class-folder dataset (verify_classify), an
+    RTMDet-R by rotated mAP on a DOTA-layout one (verify_rotated)."""
+    task = _task(Path(weights), dataset)
+    if task in ("classify", "rotate"):
         from rtmdet.export.verify_classify import run_verify_classifier
+        from rtmdet.export.verify_rotated import run_verify_rotated
 
-        return run_verify_classifier(weights, export_dir, qat_dir, dataset, out, split=split, threads=threads,
-                                     latency_images=latency_images, batch_size=batch_size, max_drop=max_drop,
-                                     int8_max_drop=int8_max_drop)
+        run_task = run_verify_classifier if task == "classify" else run_verify_rotated
+        return run_task(weights, export_dir, qat_dir, dataset, out, split=split, threads=threads,
+                        latency_images=latency_images, batch_size=batch_size, max_drop=max_drop,
+                        int8_max_drop=int8_max_drop)
     exports = find_exports(export_dir, qat_dir)
     scores = verify(weights, exports, dataset, split=split, threads=threads, latency_images=latency_images,
                     batch_size=batch_size)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtmdet.export.onnx import output_names
+from rtmdet.export.onnx import angle_output_names, output_names
 from rtmdet.quantization.fakequant import quantizers, set_fake_quant
 from rtmdet.quantization.model import QATDetector
 
@@ -122,24 +122,29 @@ def _layout_corr(torch_nchw: np.ndarray, tfl: np.ndarray) -> float:
 
 def output_agreement(model: QATDetector, tflite: str | Path, images_nhwc: np.ndarray) -> dict[str, dict[str, float]]:
     """Per output: max and mean |fake-quant torch - int8 TFLite| and the max in output steps
-    (the int8 output's scale, the model's own); in export units (logits, stride-unit distances)."""
+    (the int8 output's scale, the model's own); in export units (logits, stride-unit distances,
+    a rotate model's angles in radians)."""
     from rtmdet.export.backends import TFLiteRunner
 
     runner = TFLiteRunner(tflite)
     cls_names, reg_names = output_names(model.strides)
+    rotate = model.cfg.task == "rotate"
+    ang_names = angle_output_names(model.strides) if rotate else []
     device = next(model.parameters()).device
     named = dict(quantizers(model))
+    heads = (("rtm_cls", cls_names), ("rtm_reg", reg_names), ("rtm_ang", ang_names))
     steps = {name: float(named[f"net.bbox_head.{head}.{lvl}.q"].scale_zero_point()[0])
-             for head, names in (("rtm_cls", cls_names), ("rtm_reg", reg_names)) for lvl, name in enumerate(names)}
+             for head, names in heads for lvl, name in enumerate(names)}
     result: dict[str, dict[str, float]] = {}
     for i in range(len(images_nhwc)):
         image = images_nhwc[i : i + 1].astype(np.float32)
         got = runner(image)
         with torch.no_grad():
             x = torch.from_numpy(np.ascontiguousarray(image)).permute(0, 3, 1, 2).to(device)
-            cls, reg = model.eval()(model.normalize(x))[:2]  # a segment model's kernels and masks are not compared
-        ours = {n: t for n, t in zip(cls_names, cls)}
-        ours.update({n: t / s for n, t, s in zip(reg_names, reg, model.strides)})
+            outputs = model.eval()(model.normalize(x))  # a segment model's kernels and masks are not compared
+        ours = {n: t for n, t in zip(cls_names, outputs[0])}
+        ours.update({n: t / s for n, t, s in zip(reg_names, outputs[1], model.strides)})
+        ours.update(zip(ang_names, outputs[2] if rotate else []))  # a rotate model's angles (radians)
         for name, t in ours.items():
             ref = t.permute(0, 2, 3, 1).cpu().numpy()
             diff = np.abs(got[name].reshape(ref.shape) - ref)

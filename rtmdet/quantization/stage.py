@@ -29,11 +29,14 @@ class QATOutputs:
 
 def evaluate_model(model: torch.nn.Module, dataset: DetectionDataset, device: torch.device,
                    batch_size: int = 16) -> dict[str, Any]:
-    """COCO metrics on valid of a torch model (float RTMDet or QATDetector), rtmdet's evaluator."""
+    """COCO metrics on valid of a torch model (float RTMDet or QATDetector), rtmdet's evaluator; an
+    RTMDet-R's rotated mAP on its validation split (verify's scorer and post-process)."""
     from rtmdet.evaluation.coco_eval import evaluate_detector
     from rtmdet.inference.backends import TorchBackend
     from rtmdet.inference.predictor import Detector
 
+    if model.cfg.task == "rotate":
+        return _evaluate_rotated(model, dataset, device, batch_size)
     if "valid" not in dataset.splits:
         raise DataError("the dataset has no valid split to score QAT on")
     if model.cfg.task == "segment":
@@ -44,6 +47,23 @@ def evaluate_model(model: torch.nn.Module, dataset: DetectionDataset, device: to
     else:
         detector = Detector(TorchBackend(model, device), dataset.classes, model.cfg.image_size, batch_size=batch_size)
     return evaluate_detector(detector, dataset.splits["valid"], dataset, batch_size, progress=False).to_metrics()
+
+
+def _evaluate_rotated(model: torch.nn.Module, dataset, device: torch.device, batch_size: int) -> dict[str, Any]:
+    from rtmdet.evaluation.rotated_eval import evaluate_rotated
+
+    valid = dataset.validation()
+    if valid is None:
+        raise DataError("the dataset has no validation split (val/ or valid/) to score QAT on")
+    scored = evaluate_rotated(model, valid.records, dataset.classes, model.cfg.image_size, device,
+                              batch_size=batch_size)
+    return {"mAP": scored["mAP"], "mAP50": scored["mAP50"], "mAP75": scored["mAP75"], "num_images": scored["images"]}
+
+
+def category_ids_of(dataset, classes: list[str]) -> list[int]:
+    """The dataset's category ids (COCO's), else 0..n-1 (DOTA-layout datasets have names only)."""
+    ids = getattr(dataset, "category_ids", None)
+    return list(ids) if ids else list(range(len(classes)))
 
 
 def run_qat(weights: Path, dataset: DetectionDataset, qat: QATParams, train: TrainParams, export: ExportParams,
@@ -63,7 +83,7 @@ def run_qat(weights: Path, dataset: DetectionDataset, qat: QATParams, train: Tra
         return run_qat_classifier(weights, dataset, qat, train, export, out, device, progress)
     start = time.perf_counter()
     dev = torch.device(device)
-    model, ckpt = load_model(weights, dev, tasks=("detect", "segment"))
+    model, ckpt = load_model(weights, dev, tasks=("detect", "segment", "rotate"))  # its task: its data and loss
     classes = class_names_of(ckpt, model.cfg.num_classes)
     if classes != list(dataset.classes):
         raise DataError(f"{weights}: classes {classes} differ from the dataset's {list(dataset.classes)}")
@@ -82,12 +102,13 @@ def run_qat(weights: Path, dataset: DetectionDataset, qat: QATParams, train: Tra
                 "source": {"checkpoint": Path(weights).name, "sha256": sha256_of(weights)},
                 "calibration": {"split": "train", "images": len(files), "seed": export.seed},
                 "metrics": {"float": _short(float_metrics), "fake_quant": _short(fq_metrics)}}
-    save_qat(qmodel, out.checkpoint, classes, dataset.category_ids, qat_meta)
+    category_ids = category_ids_of(dataset, classes)
+    save_qat(qmodel, out.checkpoint, classes, category_ids, qat_meta)
     source = {"checkpoint": out.checkpoint.name, "sha256": sha256_of(out.checkpoint), "qat": True,
               "float_checkpoint": Path(weights).name}
     qmodel.cpu().eval()
     export_qat_tflite(qmodel, out.tflite, calib, files, int8_io=export.int8_io, classes=classes,
-                      category_ids=dataset.category_ids, source=source)
+                      category_ids=category_ids, source=source)
     agreement = output_agreement(qmodel, out.tflite, calib[:4])
     steps = sum(r["mean_abs"] / r["scale"] for r in agreement.values()) / len(agreement)
     log.info("int8 TFLite vs fake-quant torch on 4 calibration images: %.2f output steps on average, "
@@ -100,5 +121,5 @@ def run_qat(weights: Path, dataset: DetectionDataset, qat: QATParams, train: Tra
 
 
 def _short(metrics: dict[str, Any]) -> dict[str, float | None]:
-    keys = ("mAP", "mAP50", "mask_mAP", "mask_mAP50")  # mask_*: a segment model's
+    keys = ("mAP", "mAP50", "mAP75", "mask_mAP", "mask_mAP50")  # mask_*: a segment model's; mAP75: rotate's
     return {k: metrics[k] for k in keys if k in metrics}
