@@ -119,10 +119,7 @@ class ClassParts:
             raise ConfigError(f"model.task classify reads class folders (root/train/<class>/...); "
                               f"data.{explicit[0]} applies to COCO datasets only")
         dataset = load_class_folders(data.root)
-        if data.num_classes is not None and data.num_classes != len(dataset.classes):
-            raise ConfigError(f"data.num_classes is {data.num_classes} but {data.root} has {len(dataset.classes)} "
-                              f"classes ({', '.join(dataset.classes)})")
-        return dataset
+        return check_num_classes(data, dataset)
 
     def digest(self, dataset: Any) -> str:
         h = hashlib.sha256(json.dumps(list(dataset.classes)).encode())
@@ -201,10 +198,7 @@ class RotParts:
             dataset = load_dota(data.root)
         else:
             dataset = load_coco_rotated(data.root if splits is None else Path(data.root), splits=splits)
-        if data.num_classes is not None and data.num_classes != len(dataset.classes):
-            raise ConfigError(f"data.num_classes is {data.num_classes} but {data.root} has {len(dataset.classes)} "
-                              f"classes ({', '.join(dataset.classes)})")
-        return dataset
+        return check_num_classes(data, dataset)
 
     def digest(self, dataset: Any) -> str:
         import numpy as np
@@ -267,6 +261,14 @@ def _rotated_augmented_grid(dataset: Any, imgsz: int, path: Path, count: int = 8
     rows = [np.hstack(tiles[k:k + 4]) for k in range(0, len(tiles), 4)]
     ok, png = cv2.imencode(".png", np.vstack(rows))
     write_atomic(path, png.tobytes())
+
+
+def check_num_classes(data: DataParams, dataset: Any) -> Any:
+    """The dataset, or one error when data.num_classes is set and differs from its class count."""
+    if data.num_classes is not None and data.num_classes != len(dataset.classes):
+        raise ConfigError(f"data.num_classes is {data.num_classes} but {data.root} has {len(dataset.classes)} "
+                          f"classes ({', '.join(dataset.classes)})")
+    return dataset
 
 
 def load_classifier_init(model: nn.Module, path: str) -> None:
