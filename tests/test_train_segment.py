@@ -120,8 +120,8 @@ def test_segment_task_trains_rtmdet_ins_on_the_shared_trainer(trained: tuple):
 
 
 def test_detect_runs_log_no_mask_loss_and_unknown_tasks_are_one_line(shapes: Path, tmp_path: Path):
-    with pytest.raises(ConfigError, match="model.task 'rotate': training knows detect, segment"):
-        train(*_params(shapes, task="rotate"), tmp_path / "rot", progress=False)
+    with pytest.raises(ConfigError, match="model.task 'pose': training knows detect, segment, rotate, classify"):
+        train(*_params(shapes, task="pose"), tmp_path / "rot", progress=False)
     from rtmdet.data.coco import load_dataset
 
     boxes_only = load_dataset(shapes)
