@@ -140,8 +140,14 @@ class QATParams:
     # BatchNorm is folded into the convs before QAT, as TFLite runs it: there is none to freeze.
     freeze_observers_epoch: int = 3
     # Classifiers: fine-tune toward the float model's own softmax on each batch (knowledge
-    # distillation) instead of the labels. Detectors always train on their labels.
+    # distillation) instead of the labels.
     distill: bool = True
+    # Detectors (detect, segment, rotate): weight of the pull toward the float model's own raw
+    # outputs on each batch (rtmdet.quantization.self_distill), added to the task's loss; 0: labels only.
+    distill_weight: float = 0.0
+    # Keep an exponential moving average of the fine-tuned weights (each step's weights enter it
+    # with this weight) and export that; 0 exports the last step's weights.
+    ema: float = 0.0
     workers: int = 2
     seed: int = 0
     device: str = "auto"

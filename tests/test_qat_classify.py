@@ -113,15 +113,3 @@ def test_distilled_qat_keeps_the_float_models_answers_where_label_qat_leaves_the
     model = _trained_like()
     assert _qat_agreement(model, dataset, teacher=model) >= 0.9
     assert _qat_agreement(model, dataset, teacher=None) <= 0.5
-
-
-def test_a_teacher_is_refused_for_a_detector(tmp_path):
-    from rtmdet.errors import ConfigError
-    from rtmdet.models import build_model
-    from rtmdet.quantization.model import prepare_qat
-    from rtmdet.quantization.qat import finetune
-
-    detector = build_model("nano", 2, image_size=64).eval()
-    with pytest.raises(ConfigError, match="qat.distill"):
-        finetune(prepare_qat(detector), None, QATParams(epochs=1, batch_size=2, workers=0), TrainParams(),
-                 np.zeros((1, 64, 64, 3), np.float32), torch.device("cpu"), progress=False, teacher=detector)

@@ -8,8 +8,11 @@ Schedule (epochs 0-based, F = qat.freeze_observers_epoch):
     Mixup/CutMix) and its loss (RTMDetLoss, ...), or, given a `teacher` (classifiers,
     qat.distill), the cross-entropy with the float teacher's softmax on the same batch
     (knowledge distillation: the int8 model learns the float model's answers, not the labels,
-    so fine-tuning cannot drift from the model it quantizes), AdamW over the folded weights
-    (no BN left to freeze), lr on a cosine from qat.lr down to train.min_lr_ratio x qat.lr;
+    so fine-tuning cannot drift from the model it quantizes); a detector given a `teacher`
+    (qat.distill_weight > 0) adds the pull toward the float model's raw outputs
+    (rtmdet.quantization.self_distill) to its task loss. AdamW over the folded weights (no BN
+    left to freeze), lr on a cosine from qat.lr down to train.min_lr_ratio x qat.lr; with
+    qat.ema > 0 a moving average of the weights is kept and replaces them after the last step;
   * after the last epoch: one more calibration with the final weights: the converter
     calibrates the weights it is given, so these are the ranges the int8 file will have.
     How far they moved from the frozen ones is reported (`range_shift`).
@@ -34,6 +37,7 @@ from rtmdet.data.records import DetectionDataset
 from rtmdet.errors import ConfigError, RTMDetError
 from rtmdet.failpoints import kill_point
 from rtmdet.quantization.model import QATModel, calibrate
+from rtmdet.quantization.self_distill import output_distillation
 from rtmdet.training.build import seed_everything
 from rtmdet.training.losses import RTMDetLoss, make_priors
 from rtmdet.training.losses_cls import ClassifierLoss
@@ -64,6 +68,10 @@ def check_qat_params(qat: QATParams) -> None:
             raise ConfigError(f"qat.{key} must be at least 1, got {getattr(qat, key)}")
     if qat.lr <= 0:
         raise ConfigError(f"qat.lr must be positive, got {qat.lr}")
+    if qat.distill_weight < 0:
+        raise ConfigError(f"qat.distill_weight must be 0 or more, got {qat.distill_weight}")
+    if not 0 <= qat.ema < 1:
+        raise ConfigError(f"qat.ema must be in [0, 1), got {qat.ema}")
     if qat.freeze_observers_epoch < 0:
         raise ConfigError(f"qat.freeze_observers_epoch must be 0 or more, got {qat.freeze_observers_epoch}")
     if qat.workers < 0:
@@ -73,11 +81,12 @@ def check_qat_params(qat: QATParams) -> None:
 def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: TrainParams,
              calibration: np.ndarray, device: torch.device, progress: bool = True,
              teacher: torch.nn.Module | None = None) -> FinetuneResult:
-    """Fine-tune `model` in place under fake-quant (see the module docstring); `teacher`: a float
-    classifier whose softmax replaces the labels."""
+    """Fine-tune `model` in place under fake-quant (see the module docstring); `teacher`: the float
+    model, whose softmax replaces a classifier's labels and whose raw outputs a detector is pulled
+    toward (qat.distill_weight)."""
     check_qat_params(qat)
-    if teacher is not None and model.cfg.task != "classify":
-        raise ConfigError(f"qat.distill: a float teacher fine-tunes classifiers only, not a {model.cfg.task} model")
+    classify = model.cfg.task == "classify"
+    distill_weight = qat.distill_weight if teacher is not None and not classify else 0.0
     seed_everything(qat.seed)
     model.to(device)
     if train.channels_last:
@@ -91,17 +100,22 @@ def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: 
     lr = qat.lr * qat.batch_size / train.base_batch_size
     schedule = LrSchedule(lr, 0, 0, qat.epochs * iters, lr * train.min_lr_ratio)
     optimizer = build_optimizer(model, lr, train.weight_decay, device)
-    if teacher is None:
-        criterion = task.loss(model, train)
-    else:
+    if teacher is not None:
         teacher.to(device).eval()
+    if teacher is not None and classify:
         criterion = ClassifierLoss(smoothing=0.0)  # the teacher's probabilities are the soft targets
+    else:
+        criterion = task.loss(model, train)
+    names = ["loss", "loss_cls", "loss_bbox"] + ["loss_mask"] * task.masks + ["loss_distill"] * bool(distill_weight)
+    params = [p for p in model.parameters() if p.requires_grad]
+    average = [p.detach().clone() for p in params] if qat.ema > 0 else None
     priors = None
     if task.parts.uses_priors:
         priors = make_priors([(imgsz // s, imgsz // s) for s in model.strides], model.strides, device=device)
     result, start, frozen = FinetuneResult(), time.perf_counter(), None
-    log.info("QAT: %d epochs x %d iterations, lr %.3g, ranges fixed from epoch %d", qat.epochs, iters, lr,
-             qat.freeze_observers_epoch + 1)
+    log.info("QAT: %d epochs x %d iterations, lr %.3g, ranges fixed from epoch %d%s%s", qat.epochs, iters, lr,
+             qat.freeze_observers_epoch + 1, f", distilled (weight {distill_weight:g})" if distill_weight else "",
+             f", weights averaged (ema {qat.ema:g})" if average else "")
     for epoch in range(qat.epochs):
         if epoch <= qat.freeze_observers_epoch:
             calibrate(model, calibration)
@@ -109,25 +123,30 @@ def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: 
                 frozen = model.ranges()
         set_epoch(loader, epoch, stage=2)
         model.train()
-        sums = torch.zeros(4 if task.masks else 3, device=device)
+        sums = torch.zeros(len(names), device=device)
         bar = tqdm(loader, total=iters, desc=f"qat {epoch + 1}/{qat.epochs}", unit="it", leave=False,
                    disable=not progress, dynamic_ncols=True)
         epoch_start = time.perf_counter()
         for k, batch in enumerate(bar):
             set_lr(optimizer, schedule(epoch * iters + k))
             losses = _step(model, batch, criterion, task.targets, priors, optimizer, device, train.channels_last,
-                           teacher)
+                           teacher, classify, distill_weight, names)
+            if average is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(average, [p.detach() for p in params], qat.ema)
             kill_point("qat:step")
             sums += losses
         means = (sums / iters).tolist()
         if not all(math.isfinite(v) for v in means):
             raise QATError(f"QAT epoch {epoch + 1}: the loss became NaN/inf ({means[0]}); try a lower qat.lr")
         # No wall times in the history: it goes into qat.pt, which should be byte-reproducible.
-        mask = {"loss_mask": means[3]} if task.masks else {}
-        result.history.append({"epoch": epoch + 1, "loss": means[0], "loss_cls": means[1], "loss_bbox": means[2],
-                               **mask, "lr": optimizer.param_groups[0]["lr"]})
+        result.history.append({"epoch": epoch + 1, **dict(zip(names, means)), "lr": optimizer.param_groups[0]["lr"]})
+        extra = "".join(f", {n[5:]} {v:.4f}" for n, v in zip(names[3:], means[3:]))
         log.info("QAT epoch %d/%d  loss %.4f (cls %.4f, bbox %.4f%s)  %.1fs", epoch + 1, qat.epochs, *means[:3],
-                 f", mask {means[3]:.4f}" if mask else "", time.perf_counter() - epoch_start)
+                 extra, time.perf_counter() - epoch_start)
+    if average is not None:  # the averaged weights are the ones calibrated and exported
+        with torch.no_grad():
+            torch._foreach_copy_(params, average)
     if train.channels_last:  # back to the default layout: evaluation and qat.pt then match bit for bit
         model.to(memory_format=torch.contiguous_format)
     calibrate(model, calibration)  # the converter's ranges for the final weights
@@ -139,21 +158,28 @@ def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: 
 
 def _step(model: QATModel, batch: dict[str, Any], criterion: RTMDetLoss, targets: tuple[str, ...],
           priors: torch.Tensor, optimizer: torch.optim.Optimizer, device: torch.device,
-          channels_last: bool, teacher: torch.nn.Module | None = None) -> torch.Tensor:
+          channels_last: bool, teacher: torch.nn.Module | None, classify: bool, distill_weight: float,
+          names: list[str]) -> torch.Tensor:
     images = batch["images"].to(device, non_blocking=True)
     x = model.normalize(images)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     on_device = {k: batch[k].to(device) for k in targets}
+    taught = None
     if teacher is not None:
         with torch.no_grad():
-            on_device["targets"] = teacher(teacher.normalize(images)).float().softmax(dim=1)
-    losses = criterion.normalize(criterion.step_sums(model(x), on_device, priors=priors))
+            taught = teacher(teacher.normalize(images))
+        if classify:
+            on_device["targets"] = taught.float().softmax(dim=1)
+    out = model(x)
+    losses = criterion.normalize(criterion.step_sums(out, on_device, priors=priors))
+    if distill_weight:
+        losses["loss_distill"] = distill_weight * output_distillation(out, taught)
+        losses["loss"] = losses["loss"] + losses["loss_distill"]
     losses["loss"].backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    names = ("loss", "loss_cls", "loss_bbox", "loss_mask")  # loss_mask: the segment task's Dice term
-    return torch.stack([losses[k] for k in names if k in losses]).detach()
+    return torch.stack([losses[k] for k in names]).detach()
 
 
 def _range_shift(before: dict[str, list[float]], after: dict[str, list[float]]) -> tuple[float, str]:

@@ -92,7 +92,8 @@ def run_qat(weights: Path, dataset: DetectionDataset, qat: QATParams, train: Tra
     log.info("float: mAP %.4f mAP50 %.4f", float_metrics["mAP"] or 0, float_metrics["mAP50"] or 0)
 
     qmodel = prepare_qat(model)
-    tuned = finetune(qmodel, dataset, qat, train, calib, dev, progress)
+    tuned = finetune(qmodel, dataset, qat, train, calib, dev, progress,
+                     teacher=model if qat.distill_weight > 0 else None)  # the float model teaches its int8 copy
     fq_metrics = evaluate_model(qmodel, dataset, dev)
     log.info("fake-quant: mAP %.4f mAP50 %.4f; the final calibration moved a frozen range by at most %.1f%% (%s)",
              fq_metrics["mAP"] or 0, fq_metrics["mAP50"] or 0, 100 * tuned.range_shift, tuned.range_shift_at or "-")
