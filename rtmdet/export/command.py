@@ -1,4 +1,5 @@
-"""`rtmdet export`: a checkpoint to ONNX or TFLite (fp32, fp16, int8), offline, with sidecars."""
+"""`rtmdet export`: a checkpoint to ONNX, TFLite (fp32, fp16, int8) or an AOTInductor package, offline,
+with sidecars."""
 
 from __future__ import annotations
 
@@ -12,19 +13,20 @@ from rtmdet.export import ExportError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "tflite")
+FORMATS = ("onnx", "tflite", "aoti")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "export", help="export a checkpoint to ONNX or TFLite (fp32, fp16, int8), fully offline",
-        description="Writes <out>/<weights stem>.onnx or <stem>_<precision>.tflite, each with a .json "
-                    "sidecar (classes, image size, input and output contract). int8 calibrates on images "
-                    "of the --data training split, pre-processed exactly as at inference.")
+        "export", help="export a checkpoint to ONNX, TFLite (fp32, fp16, int8) or AOTInductor, fully offline",
+        description="Writes <out>/<weights stem>.onnx, <stem>_<precision>.tflite or <stem>.pt2 (an AOTInductor "
+                    "package for libtorch, e.g. cpp/rtmdet_run), each with a .json sidecar (classes, image "
+                    "size, input and output contract). int8 calibrates on images of the --data training split, "
+                    "pre-processed exactly as at inference.")
     p.add_argument("--weights", required=True, type=Path, help="checkpoint (.pt/.pth, rtmdet or mmdetection)")
-    p.add_argument("--format", required=True, choices=FORMATS, help="onnx or tflite")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx, tflite or aoti (box models)")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=("fp32", "fp16", "int8"),
-                   help="one or more (tflite); onnx is fp32 (default fp32)")
+                   help="one or more (tflite); onnx and aoti are fp32 (default fp32)")
     p.add_argument("--data", type=Path, default=None, help="dataset root whose train split calibrates int8 (COCO; "
                    "DOTA layout for a rotate model)")
     p.add_argument("--calib-images", type=int, default=100, help="calibration images for int8 (default 100)")
@@ -33,18 +35,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument("--dynamic-batch", action="store_true", help="onnx: a dynamic batch dimension")
     p.add_argument("--imgsz", type=int, default=None, help="export size (default: the checkpoint's training size)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="aoti: the device the package is compiled for (default cpu)")
     p.set_defaults(func=run)
 
 
 def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] = ("fp32",), *,
                       data: str | Path | None = None, calib_images: int = 100, int8_io: str = "float",
                       out: str | Path | None = None, dynamic_batch: bool = False,
-                      image_size: int | None = None, calib_seed: int = 0) -> list[Path]:
+                      image_size: int | None = None, calib_seed: int = 0, device: str = "cpu") -> list[Path]:
     """Export a checkpoint file; returns the model files written (each has a .json sidecar).
 
     data: the dataset root (or a loaded DetectionDataset) whose train split calibrates int8; for an
     RTMDet-R (task rotate) a DOTA-layout root or a loaded RotatedDataset. A classifier checkpoint
-    goes to rtmdet.export.classify (data: a class-folder dataset root)."""
+    goes to rtmdet.export.classify (data: a class-folder dataset root). device: where an aoti
+    package runs (cpu or cuda); box models (task detect) only for aoti."""
     from dataclasses import replace
 
     from rtmdet.models.checkpoint import class_names_of, is_classifier_checkpoint, model_from_checkpoint, \
@@ -53,6 +58,9 @@ def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] =
     weights = Path(weights)
     _check_request(fmt, precisions, data, calib_images, dynamic_batch)
     ckpt = read_checkpoint(weights)
+    if fmt == "aoti" and is_classifier_checkpoint(ckpt):
+        raise ExportError(f"{weights}: a classifier checkpoint; the aoti format exports box models (task detect) "
+                          "only so far; use --format onnx or tflite")
     if is_classifier_checkpoint(ckpt):
         from rtmdet.export.classify import export_classifier_checkpoint
 
@@ -73,6 +81,13 @@ def export_checkpoint(weights: str | Path, fmt: str, precisions: Sequence[str] =
     source = {"checkpoint": weights.name, "sha256": _sha256(weights)}
     out = Path(out) if out is not None else weights.parent
     common = dict(classes=classes, category_ids=category_ids, source=source)
+    if fmt == "aoti":
+        from rtmdet.export.aoti import export_aoti
+
+        if model.cfg.task != "detect":
+            raise ExportError(f"{weights}: an RTMDet {model.cfg.task} model; the aoti format exports box models "
+                              "(task detect) only so far; use --format onnx or tflite")
+        return [export_aoti(model, out / f"{weights.stem}.pt2", device=device, **common).path]
     if fmt == "onnx":
         from rtmdet.export.onnx import export_onnx
 
@@ -104,10 +119,11 @@ DATASET_READERS = {"rotate": _read_dota}
 
 def _check_request(fmt: str, precisions: Sequence[str], data, calib_images: int, dynamic_batch: bool) -> None:
     if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; choose onnx or tflite")
-    if fmt == "onnx" and set(precisions) != {"fp32"}:
-        raise ExportError("ONNX export is fp32 only (runtimes choose their own precision); "
-                          "use --format tflite for fp16 or int8")
+        raise ExportError(f"unknown export format {fmt!r}; choose onnx, tflite or aoti")
+    if fmt in ("onnx", "aoti") and set(precisions) != {"fp32"}:
+        raise ExportError(f"{fmt} export is fp32 only; use --format tflite for fp16 or int8")
+    if fmt == "aoti" and dynamic_batch:
+        raise ExportError("--dynamic-batch applies to ONNX only; an AOTInductor package takes one image at a time")
     if fmt == "tflite" and dynamic_batch:
         raise ExportError("--dynamic-batch applies to ONNX only; TFLite files take one image at a time")
     if "int8" in precisions:
@@ -128,7 +144,7 @@ def _sha256(path: Path) -> str:
 def run(args: argparse.Namespace) -> int:
     paths = export_checkpoint(args.weights, args.format, args.precision, data=args.data,
                               calib_images=args.calib_images, int8_io=args.int8_io, out=args.out,
-                              dynamic_batch=args.dynamic_batch, image_size=args.imgsz)
+                              dynamic_batch=args.dynamic_batch, image_size=args.imgsz, device=args.device)
     for path in paths:
         print(f"{path} ({path.stat().st_size / 1024:.0f} KB) + {path.with_suffix('.json').name}")
     return 0

@@ -22,6 +22,8 @@ KERNEL_PARAMS = 169  # dynamic-conv parameters per cell (rtmdet.models.head_ins.
 
 SCHEMA = 1
 INPUT_NAME = "images"
+AOTI_FIELDS = ("outputs", "device", "postprocess")
+POSTPROCESS_KEYS = ("score_thr", "nms_pre", "iou_thr", "max_per_img", "min_bbox_size")
 
 # What every exported model means, written into each sidecar for the people who read it.
 CONVENTIONS = {
@@ -59,12 +61,35 @@ ROTATE_CONVENTIONS = {
            "(mmrotate's test_cfg, rtmdet.inference.rotated.postprocess_rotated)",
 }
 
+# An AOTInductor package's (format aoti) conventions replace and add to those above: its outputs are
+# positional, and its sidecar spells out the pre- and post-process step by step for runtimes that
+# re-implement them (cpp/ does).
+AOTI_CONVENTIONS = {
+    "input": "one float32 tensor [1, 3, image_size, image_size] (static shape, contiguous, on `device`) of "
+             "BGR pixels 0..255, not normalized (normalization is inside the model)",
+    "letterbox": "scale = image_size / max(w, h); new_w = int(w * scale + 0.5), new_h = int(h * scale + 0.5) "
+                 "(double precision, truncated); resize with OpenCV's INTER_LINEAR (cv::resize, 8-bit "
+                 "fixed point) unless the size is unchanged; the image at the top-left of an image_size "
+                 "square filled with 114 (padding at the bottom/right); rtmdet.inference.preprocess.letterbox",
+    "layout": "outputs are positional, in the order of `outputs`: per level [1, H*W, C] float32 with "
+              "H = W = image_size / stride, cells row-major",
+    "postprocess": "float32 throughout. Per level: score = sigmoid(logit) of every (cell, class) pair, "
+                   "row-major; keep score > score_thr, at most the nms_pre best of them; decode as `reg` "
+                   "says and clamp x1, x2 to [0, image_size], y1, y2 likewise. Then multiply x by "
+                   "float32(1 / (new_w / w)) and y by float32(1 / (new_h / h)) (w, h: the photo's size); "
+                   "drop boxes whose width or height is <= min_bbox_size; class-aware greedy NMS by "
+                   "descending score (a box goes when its IoU with a kept box of its class is > iou_thr; "
+                   "torchvision.ops.batched_nms); keep the first max_per_img; clip x to [0, w], y to "
+                   "[0, h]. Defaults in `postprocess`; code in rtmdet.inference.postprocess",
+    "nms": "not in the model: see postprocess (mmdetection's test_cfg: IoU 0.65, score threshold 0.001)",
+}
+
 
 @dataclass
 class ExportMeta:
     """Everything a runtime needs to use an exported model; stored as `<model>.json`."""
 
-    format: str  # "onnx" or "tflite"
+    format: str  # "onnx", "tflite" or "aoti"
     precision: str  # "fp32", "fp16" or "int8"
     classes: list[str]
     category_ids: list[int]
@@ -74,7 +99,7 @@ class ExportMeta:
     mean: list[float]
     std: list[float]
     input_name: str = INPUT_NAME
-    input_layout: str = "NCHW"  # ONNX is NCHW; TFLite is NHWC
+    input_layout: str = "NCHW"  # ONNX and AOTI are NCHW; TFLite is NHWC
     input_dtype: str = "float32"  # float32, int8 or uint8
     input_quant: list[float] | None = None  # [scale, zero_point] for int8/uint8 input
     cls_outputs: list[str] = field(default_factory=list)  # one per stride, in stride order
@@ -92,6 +117,10 @@ class ExportMeta:
     # scale (the file's kernel outputs x this = the model's); null = unscaled (export/kernel_scale.py)
     kernel_scale: list[list[float]] | None = None
     angle_outputs: list[str] = field(default_factory=list)  # rotate models: one per stride
+    # AOTInductor packages (format aoti) only; absent from the other formats' sidecars:
+    outputs: list[str] = field(default_factory=list)  # the package's outputs are positional: names in order
+    device: str | None = None  # the device the package was compiled for: cpu or cuda
+    postprocess: dict[str, Any] | None = None  # post-process defaults: rtmdet.inference.PostprocessConfig
 
     @property
     def task(self) -> str:
@@ -105,7 +134,12 @@ class ExportMeta:
                   "detect": ("kernel_outputs", "mask_output", "kernel_scale", "angle_outputs")}[self.task]
         for key in unused:
             del d[key]
+        for key in AOTI_FIELDS:  # the other formats' sidecars stay as they were
+            if not d[key]:
+                del d[key]
         conventions = {**CONVENTIONS, **ROTATE_CONVENTIONS} if self.task == "rotate" else CONVENTIONS
+        if self.format == "aoti":
+            conventions = {**conventions, **AOTI_CONVENTIONS}
         d["conventions"] = {k: v for k, v in conventions.items() if self.task == "segment" or k != "masks"}
         return json.dumps(d, indent=2) + "\n"
 
@@ -167,7 +201,7 @@ def _check_fields(path: Path, meta: ExportMeta) -> None:
     foreign sidecar fails here in one line instead of deep inside the post-process."""
     levels = len(meta.strides) if isinstance(meta.strides, list) else -1
     checks = (
-        ("format", meta.format in ("onnx", "tflite"), "onnx or tflite"),
+        ("format", meta.format in ("onnx", "tflite", "aoti"), "onnx, tflite or aoti"),
         ("classes", _names(meta.classes) and len(meta.classes) > 0, "a non-empty list of class names"),
         ("category_ids", _ints(meta.category_ids, len(meta.classes) if isinstance(meta.classes, list) else -1),
          "one integer per class"),
@@ -185,12 +219,27 @@ def _check_fields(path: Path, meta: ExportMeta) -> None:
          f"null, or (segment models) {levels} lists of {KERNEL_PARAMS} positive numbers"),
         ("angle_outputs", meta.angle_outputs == [] or (_names(meta.angle_outputs, levels) and not meta.kernel_outputs),
          f"empty, or (rotate models) one output name per stride ({levels} in strides)"),
+        *(_aoti_checks(meta) if meta.format == "aoti" else ()),
     )
     for key, ok, expected in checks:
         if not ok:
             got = repr(getattr(meta, key))
             got = got if len(got) <= 60 else got[:57] + "..."
             raise ExportError(f"{path}: sidecar field {key} must be {expected}, got {got}")
+
+
+def _aoti_checks(meta: ExportMeta) -> tuple[tuple[str, bool, str], ...]:
+    """The fields an AOTInductor package's runtime reads beyond the common ones."""
+    named = [*meta.cls_outputs, *meta.reg_outputs] if _names(meta.cls_outputs) and _names(meta.reg_outputs) else None
+    post = meta.postprocess
+    return (
+        ("outputs", _names(meta.outputs) and named is not None and sorted(meta.outputs) == sorted(named),
+         "the package's output names in order: each of cls_outputs and reg_outputs once"),
+        ("device", meta.device in ("cpu", "cuda"), "cpu or cuda"),
+        ("postprocess", isinstance(post, dict) and all(
+            isinstance(post.get(k), (int, float)) and not isinstance(post.get(k), bool) for k in POSTPROCESS_KEYS),
+         f"an object with the numbers {', '.join(POSTPROCESS_KEYS)}"),
+    )
 
 
 def _scales(value: Any, levels: int, per_level: int) -> bool:

@@ -1,4 +1,5 @@
-"""`rtmdet predict`: run a checkpoint on an image or a folder, draw results, write COCO-style JSON."""
+"""`rtmdet predict`: run a checkpoint or an AOTInductor export on an image or a folder, draw results,
+write COCO-style JSON."""
 
 from __future__ import annotations
 
@@ -15,14 +16,18 @@ log = logging.getLogger(__name__)
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("predict", help="detect objects in an image or a folder of images")
-    p.add_argument("--weights", required=True, type=Path, help="checkpoint (.pt/.pth, rtmdet or mmdetection)")
+    p.add_argument("--weights", required=True, type=Path,
+                   help="checkpoint (.pt/.pth, rtmdet or mmdetection) or AOTInductor export (.pt2, with its "
+                        ".json sidecar)")
     p.add_argument("--source", required=True, type=Path, help="an image file or a folder (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="output folder for drawn images and predictions.json")
     p.add_argument("--score-thr", type=float, default=0.3, help="minimum score to keep (default 0.3)")
     p.add_argument("--iou-thr", type=float, default=0.65, help="NMS IoU threshold (default 0.65)")
     p.add_argument("--max-det", type=int, default=300, help="maximum detections per image (default 300)")
-    p.add_argument("--imgsz", type=int, default=None, help="inference size (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--imgsz", type=int, default=None, help="inference size (default: the checkpoint's; an export's "
+                   "is fixed)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu); a checkpoint's: an "
+                   "export runs where its runtime does (.pt2: the device it was compiled for)")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=run)
 
@@ -57,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.imgsz is not None and args.imgsz % 32:
         raise ConfigError(f"--imgsz {args.imgsz} is not a multiple of 32")
-    detector = Detector.from_checkpoint(
+    detector = Detector.from_file(
         args.weights, device=device, image_size=args.imgsz, batch_size=args.batch_size,
         score_thr=args.score_thr, iou_thr=args.iou_thr, max_per_img=args.max_det)
     files = source_images(args.source)

@@ -7,9 +7,9 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from rtmdet.errors import DataError
+from rtmdet.errors import ConfigError, DataError
 from rtmdet.imageio import read_image
-from rtmdet.inference.backends import Backend, TorchBackend
+from rtmdet.inference.backends import AotiBackend, Backend, TorchBackend
 from rtmdet.inference.detections import Detections
 from rtmdet.inference.postprocess import PostprocessConfig, postprocess_batch
 from rtmdet.inference.preprocess import letterbox, to_chw_tensor
@@ -58,6 +58,33 @@ class Detector:
         post = InsPostprocessConfig(**kwargs) if task == "segment" else PostprocessConfig(**kwargs)
         names = class_names_of(ckpt, model.cfg.num_classes)
         return cls(TorchBackend(model, device, fast=fast), names, image_size, post, batch_size, task)
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str = "cpu", **kwargs) -> "Detector":
+        """A Detector over a checkpoint (from_checkpoint on `device`) or, for a .pt2, an AOTInductor
+        export (on the device it was compiled for). kwargs as from_checkpoint. ONNX and TFLite files
+        stay with from_export: read as checkpoints they fail with a line that names it."""
+        if Path(path).suffix.lower() == ".pt2":
+            return cls.from_export(path, **kwargs)
+        return cls.from_checkpoint(path, device=device, **kwargs)
+
+    @classmethod
+    def from_export(cls, path: str | Path, image_size: int | None = None, batch_size: int = 8,
+                    **postprocess) -> "Detector":
+        """A Detector over an exported .pt2, .onnx or .tflite; classes and image size come from its
+        sidecar (an image_size other than the export's is an error: its shape is fixed)."""
+        from rtmdet.export.backends import detector_from_export
+
+        if Path(path).suffix.lower() == ".pt2":
+            backend = AotiBackend(path)
+            detector = cls(backend, backend.meta.classes, backend.meta.image_size, PostprocessConfig(**postprocess),
+                           batch_size)
+        else:
+            detector = detector_from_export(path, batch_size=batch_size, **postprocess)
+        if image_size not in (None, detector.image_size):
+            raise ConfigError(f"{path}: an export for {detector.image_size} px images; its size cannot change "
+                              f"to {image_size} (export again with --imgsz {image_size})")
+        return detector
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
         """One image -> Detections; a list of images -> a list of Detections."""

@@ -1,0 +1,135 @@
+"""AOTInductor export: torch.export + an AOTInductor package (`.pt2`) that runs without Python.
+
+The package holds the same graph as the ONNX file (rtmdet.export.onnx's wrapper: normalization
+inside, raw per-level outputs, distances in stride units), compiled ahead of time for one device:
+
+  input:   `images` [1, 3, S, S] float32 BGR pixels 0..255 (static shape: one image per call)
+  outputs: positional, in the sidecar's `outputs` order: `cls_s{s}` [1, H*W, num_classes] class
+           logits, then `reg_s{s}` [1, H*W, 4] (left, top, right, bottom) in stride units
+
+The `.json` sidecar is the ONNX one plus `outputs`, `device` and the post-process defaults
+(`postprocess`), with the letterbox and post-process spelled out step by step in `conventions`,
+so that a runtime in another language (cpp/, libtorch's AOTIModelPackageLoader) follows it.
+Python runs it through rtmdet.inference.backends.AotiBackend. Box models only for now.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rtmdet.errors import first_line
+from rtmdet.export import ExportError
+from rtmdet.export.onnx import _check_size, _wrapper, all_output_names, base_meta, fixed_inputs, torch_reference
+from rtmdet.export.sidecar import ExportMeta, write_meta
+
+if TYPE_CHECKING:
+    from rtmdet.models.detector import RTMDet
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "cuda")
+# The CPU kernels' thread count follows the runtime (OMP_NUM_THREADS, at::set_num_threads) instead
+# of the exporting machine's core count, which Inductor bakes in by default.
+INDUCTOR = {"cpp.dynamic_threads": True}
+
+
+@dataclass
+class AotiExport:
+    """What export_aoti wrote and how close it is to torch."""
+
+    path: Path
+    meta: ExportMeta
+    max_diff: dict[str, float]
+
+
+def export_aoti(model: "RTMDet", path: str | Path, *, classes: list[str] | None = None,
+                category_ids: list[int] | None = None, source: dict | None = None,
+                device: str = "cpu") -> AotiExport:
+    """Compile `model` into an AOTInductor package at `path` (+ `path.json` sidecar) for `device`
+    (cpu or cuda), checked against torch on fixed canvases before it is written."""
+    import torch
+
+    path = Path(path)
+    if model.cfg.task != "detect":
+        raise ExportError(f"an RTMDet {model.cfg.task} model: the aoti format exports box models (task detect) "
+                          "only so far; use --format onnx or tflite")
+    if device not in DEVICES:
+        raise ExportError(f"aoti device {device!r}: choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExportError("aoti export for cuda needs a CUDA GPU, and torch sees none; use --device cpu")
+    _check_size(model.cfg.image_size)
+    wrapper = _wrapper(model).to(device)
+    size = model.cfg.image_size
+    example = torch.full((1, 3, size, size), 114.0, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pt2", dir=path.parent)
+    os.close(fd)
+    try:
+        _compile(wrapper, example, tmp)
+        diffs = check_aoti(model, tmp, device)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    meta = aoti_meta(model, classes, category_ids, source, device)
+    write_meta(path, meta)
+    log.info("wrote %s (%.1f KB, %s)", path, path.stat().st_size / 1024, device)
+    return AotiExport(path, meta, diffs)
+
+
+def aoti_meta(model: "RTMDet", classes: list[str] | None, category_ids: list[int] | None,
+              source: dict | None, device: str) -> ExportMeta:
+    """The sidecar of an AOTInductor package: the common fields, positional outputs, device and
+    the post-process defaults."""
+    from rtmdet.inference.postprocess import PostprocessConfig
+
+    meta = base_meta(model, classes, category_ids, source, "aoti", "fp32")
+    meta.outputs = all_output_names(model)
+    meta.device = device
+    meta.postprocess = asdict(PostprocessConfig())
+    return meta
+
+
+def _compile(wrapper, example, package_path: str) -> None:
+    """torch.export the wrapper at its one static shape, then AOTInductor-compile and package it."""
+    import torch
+    from torch._inductor import aoti_compile_and_package
+
+    try:
+        with torch.no_grad():
+            program = torch.export.export(wrapper, (example,), strict=False)
+            aoti_compile_and_package(program, package_path=package_path, inductor_configs=INDUCTOR)
+    except Exception as exc:  # torch.export and Inductor raise many unrelated types (and C++ compiler errors)
+        raise ExportError(f"AOTInductor could not compile the model: {first_line(exc)}") from None
+
+
+def check_aoti(model: "RTMDet", package_path: str | Path, device: str = "cpu", rtol: float = 2e-3) -> dict[str, float]:
+    """Run the package on fixed canvases against torch; raise if an output differs by more than
+    rtol of its largest magnitude (Inductor's fused kernels round float32 differently from eager,
+    ~1e-6 of the range; a wrong graph is off by whole units)."""
+    import numpy as np
+    import torch
+
+    from rtmdet.inference.backends import load_aoti_package
+
+    runner = load_aoti_package(package_path, device)
+    names = all_output_names(model)
+    images = fixed_inputs(model.cfg.image_size, batch=2)
+    ref = torch_reference(model, images)
+    diffs: dict[str, float] = {name: 0.0 for name in names}
+    for i in range(len(images)):
+        outs = runner(torch.from_numpy(images[i : i + 1]).float().to(device))
+        for name, out in zip(names, outs):
+            diffs[name] = max(diffs[name], float(np.abs(out.cpu().numpy() - ref[name][i : i + 1]).max()))
+    for name, diff in diffs.items():
+        limit = rtol * max(1.0, float(np.abs(ref[name]).max()))
+        if diff > limit:
+            raise ExportError(f"the AOTInductor package disagrees with torch on output {name}: "
+                              f"max abs diff {diff:.3g} > {limit:.3g}")
+    log.info("AOTInductor vs torch: max abs diff %.2g", max(diffs.values()))
+    return diffs
