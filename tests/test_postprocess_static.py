@@ -53,3 +53,11 @@ def test_static_equals_eager_when_the_preselection_bites(monkeypatch, iou_thr):
     monkeypatch.setattr(postprocess, "postprocess_batch", lambda *a: calls.append(1) or real(*a))
     _same(postprocess_batch_static(*args), want)
     assert len(calls) == (0 if iou_thr == 0.5 else 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cfg", list(CASES.values()), ids=list(CASES))
+def test_static_equals_eager_on_the_gpu(cfg):
+    cls, reg = _maps(3, 5, 128, seed=0)
+    args = ([c.cuda() for c in cls], [r.cuda() for r in reg], STRIDES, (128, 128), SCALE, ORI, cfg)
+    _same(postprocess_batch_static(*args), postprocess_batch(*args))

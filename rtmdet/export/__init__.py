@@ -1,10 +1,11 @@
-"""Export to ONNX and TFLite, and run the exported files through the shared `Detector`.
+"""Export to ONNX, TFLite and AOTInductor, and run the exported files through the shared `Detector`.
 
 Light at import: torch, ONNX Runtime and TensorFlow load only when a function that needs them
 runs, so `rtmdet --help` stays fast and a missing optional package gives a clear error.
 
     export_onnx(model, path)                        rtmdet.export.onnx
     export_tflite(model, out_dir, precisions, ...)  rtmdet.export.tflite
+    export_aoti(model, path)                        rtmdet.export.aoti (AOTInductor .pt2)
     detector_from_export(path)                      rtmdet.export.backends
     export_classifier_onnx / _tflite, score_classifier_export   rtmdet.export.classify
     rotated_from_export(path), rotated_from_checkpoint(path)    rtmdet.export.rotated (RTMDet-R)
@@ -23,6 +24,7 @@ _EXPORTS = {
     "export_onnx": "rtmdet.export.onnx",
     "export_checkpoint": "rtmdet.export.command",
     "export_tflite": "rtmdet.export.tflite",
+    "export_aoti": "rtmdet.export.aoti",
     "OnnxRuntimeBackend": "rtmdet.export.backends",
     "TFLiteBackend": "rtmdet.export.backends",
     "detector_from_export": "rtmdet.export.backends",

@@ -319,7 +319,12 @@ def detector_from_export(path: str | Path, class_names: Sequence[str] | None = N
     from rtmdet.inference.postprocess_ins import InsPostprocessConfig
     from rtmdet.inference.predictor import Detector
 
-    backend = open_backend(path, threads)
+    if Path(path).suffix.lower() == ".pt2":  # an AOTInductor package: torch's own runtime
+        from rtmdet.inference.backends import AotiBackend
+
+        backend = AotiBackend(path)
+    else:
+        backend = open_backend(path, threads)
     if backend.meta.angle_outputs:
         raise ExportError(f"{path}: a rotated-box (RTMDet-R) export; run it with "
                           "rtmdet.export.rotated.rotated_from_export, which returns rotated boxes")

@@ -9,9 +9,10 @@ import numpy as np
 
 from rtmdet.errors import ConfigError, DataError
 from rtmdet.imageio import read_image
-from rtmdet.inference.backends import AotiBackend, Backend, TorchBackend
+from rtmdet.inference.backends import Backend, TorchBackend
 from rtmdet.inference.detections import Detections
 from rtmdet.inference.postprocess import PostprocessConfig, postprocess_batch
+from rtmdet.inference.postprocess_static import postprocess_batch_static
 from rtmdet.inference.preprocess import letterbox, to_chw_tensor
 
 ImageInput = Union[str, Path, np.ndarray]
@@ -75,12 +76,7 @@ class Detector:
         sidecar (an image_size other than the export's is an error: its shape is fixed)."""
         from rtmdet.export.backends import detector_from_export
 
-        if Path(path).suffix.lower() == ".pt2":
-            backend = AotiBackend(path)
-            detector = cls(backend, backend.meta.classes, backend.meta.image_size, PostprocessConfig(**postprocess),
-                           batch_size)
-        else:
-            detector = detector_from_export(path, batch_size=batch_size, **postprocess)
+        detector = detector_from_export(path, batch_size=batch_size, **postprocess)
         if image_size not in (None, detector.image_size):
             raise ConfigError(f"{path}: an export for {detector.image_size} px images; its size cannot change "
                               f"to {image_size} (export again with --imgsz {image_size})")
@@ -104,8 +100,10 @@ class Detector:
         outputs = self.backend(to_chw_tensor(canvases))
         if self.task == "segment":
             return self._with_masks(outputs, infos)
-        results = postprocess_batch(outputs[0], outputs[1], self.backend.strides, (self.image_size, self.image_size),
-                                    [i.scale_wh for i in infos], [i.ori_hw for i in infos], self.postprocess)
+        # On a GPU, the fixed-shape post-process (no host sync before NMS; the same result)
+        post = postprocess_batch_static if outputs[0][0].is_cuda else postprocess_batch
+        results = post(outputs[0], outputs[1], self.backend.strides, (self.image_size, self.image_size),
+                       [i.scale_wh for i in infos], [i.ori_hw for i in infos], self.postprocess)
         return [to_detections(r, self.class_names, info.ori_hw) for r, info in zip(results, infos)]
 
     def _with_masks(self, outputs: tuple, infos: list) -> list[Detections]:
