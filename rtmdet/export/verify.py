@@ -157,6 +157,18 @@ def report(scores: list[FormatScore], split: str, threads: int) -> dict[str, Any
             "formats": {s.name: s.row(torch_map, torch_mask_map) for s in scores}}
 
 
+def publish(summary: dict[str, Any], out: str | Path, table: str, max_drop: float, int8_max_drop: float
+            ) -> dict[str, Any]:
+    """Every task's verify ending: write `out` (verify.json), print the console table, then fail
+    in one line if a format's metric drifted too far (check_drops)."""
+    write_json_atomic(Path(out), summary)
+    print(table, flush=True)
+    problems = check_drops(summary, max_drop, int8_max_drop)
+    if problems:
+        raise VerifyError("; ".join(problems))
+    return summary
+
+
 def check_drops(summary: dict[str, Any], max_drop: float, int8_max_drop: float) -> list[str]:
     """One line per format whose mAP fell further below torch than allowed."""
     problems = []
@@ -221,9 +233,4 @@ def run_verify(weights: str | Path, export_dir: str | Path | None, qat_dir: str 
     scores = verify(weights, exports, dataset, split=split, threads=threads, latency_images=latency_images,
                     batch_size=batch_size)
     summary = report(scores, split, threads)
-    write_json_atomic(Path(out), summary)
-    print(format_table(summary), flush=True)
-    problems = check_drops(summary, max_drop, int8_max_drop)
-    if problems:
-        raise VerifyError("; ".join(problems))
-    return summary
+    return publish(summary, out, format_table(summary), max_drop, int8_max_drop)

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from rtmdet.data.dota import RotatedDataset, RotatedSplit
-from rtmdet.export.verify import FORMAT_ORDER, FormatScore, VerifyError, check_drops, find_exports, latency_ms
+from rtmdet.export.verify import FORMAT_ORDER, FormatScore, VerifyError, find_exports, latency_ms, publish
 from rtmdet.failpoints import kill_point
-from rtmdet.fileio import write_json_atomic
 from rtmdet.inference.rotated import RotatedPostprocessConfig
 
 log = logging.getLogger(__name__)
@@ -132,9 +131,4 @@ def run_verify_rotated(weights: str | Path, export_dir: str | Path | None, qat_d
     scores = verify_rotated(weights, exports, dataset, split=split, threads=threads, latency_images=latency_images,
                             batch_size=batch_size, postprocess=postprocess)
     summary = report(scores, rotated_split(dataset, split).name, threads, postprocess)
-    write_json_atomic(Path(out), summary)
-    print(format_table(summary), flush=True)  # the stage's console table, as the detector's run_verify prints
-    problems = check_drops(summary, max_drop, int8_max_drop)
-    if problems:
-        raise VerifyError("; ".join(problems))
-    return summary
+    return publish(summary, out, format_table(summary), max_drop, int8_max_drop)
