@@ -89,3 +89,18 @@ def test_bad_size_and_activation_list_valid_values():
         build_model("huge")
     with pytest.raises(ConfigError, match=r"unknown activation 'gelu'; valid activations: relu, relu6, silu"):
         build_model("tiny", act="gelu")
+
+
+@pytest.mark.parametrize("kernels,chained", [((5, 9, 13), True), ((3, 5, 7), True), ((3, 5, 9), False)])
+def test_spp_pools_chained_as_sppf_give_the_same_numbers(kernels, chained):
+    from rtmdet.models.layers import SPPBottleneck
+
+    torch.manual_seed(0)
+    spp = SPPBottleneck(16, 16, "silu", kernel_sizes=kernels).eval()
+    assert spp.chain == chained
+    for hw in ((20, 20), (3, 7), (1, 1)):  # maps smaller than the widest window too
+        x = torch.randn(2, 16, *hw) * 3
+        with torch.no_grad():
+            y = spp.conv1(x)
+            direct = spp.conv2(torch.cat([y] + [pool(y) for pool in spp.poolings], dim=1))
+            assert torch.equal(spp(x), direct)

