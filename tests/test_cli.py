@@ -39,6 +39,8 @@ def test_predict_folder_writes_images_and_json(checkpoint, tmp_path):
         (["--weights", "{tmp}/none.pt", "--source", "{tmp}"], "none.pt: checkpoint file not found"),
         (["--weights", "{ckpt}", "--source", "{tmp}/nothing"], "nothing: no such image file or folder"),
         (["--weights", "{ckpt}", "--source", "{tmp}", "--imgsz", "100"], "--imgsz 100 is not a multiple of 32"),
+        (["--weights", "{tmp}/m.pt2", "--source", "{tmp}", "--precision", "fp16"],
+         "m.pt2: --precision and --compile apply to checkpoints; an AOTInductor package is compiled already"),
     ],
 )
 def test_predict_errors_are_one_line(checkpoint, tmp_path, args, expected):

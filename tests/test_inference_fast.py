@@ -117,3 +117,23 @@ def test_gpu_fast_detector_keeps_the_reference_detections(refs, facemask, capsys
     with capsys.disabled():
         print(f"\nfp32 graphs: largest box difference {px:.4f} px, score {np.abs(fast.scores - eager.scores).max():.2e}")
     assert px <= 1e-2
+
+
+def test_unknown_compile_mode_is_one_line():
+    from rtmdet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fast inference compile mode 'fastest': use off, default, max-autotune"):
+        FastForward(_model_with_real_bn(), "cpu", compile="fastest")
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_graph_matches_the_eager_model():
+    model = _model_with_real_bn()
+    fast = FastForward(model, "cuda", "fp16", compile="default")
+    eager = model.cuda()
+    for n in (2, 1):
+        images = _images(n, seed=n)
+        got = _flat(fast(images))
+        with torch.inference_mode():
+            ref = _flat(eager(eager.normalize(images.cuda())))
+        assert max_rel_diff(got, ref) <= 5e-3

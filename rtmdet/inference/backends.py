@@ -35,12 +35,13 @@ class TorchBackend:
     """Runs an RTMDet module; normalization uses the model's own mean/std.
 
     fast: BatchNorm folded, channels_last and, on CUDA, `dtype` (fp32, fp16, bf16) weights and the
-    forward replayed as a CUDA graph (rtmdet.inference.fast); "auto" = on for CUDA devices. half: the eager
-    model under fp16 autocast on CUDA (ignored when fast).
+    forward replayed as a CUDA graph (rtmdet.inference.fast); "auto" = on for CUDA devices; compile:
+    the fast path's TorchInductor mode (off, default, max-autotune). half: the eager model under
+    fp16 autocast on CUDA (ignored when fast).
     """
 
     def __init__(self, model: "RTMDet", device: str | torch.device = "cpu", half: bool = False,
-                 fast: bool | str = False, dtype: str = "fp32"):
+                 fast: bool | str = False, dtype: str = "fp32", compile: str = "off"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.strides = tuple(model.strides)
@@ -51,7 +52,7 @@ class TorchBackend:
         if fast:
             from rtmdet.inference.fast import FastForward
 
-            self.fast = FastForward(self.model, self.device, dtype)
+            self.fast = FastForward(self.model, self.device, dtype, compile=compile)
 
     @torch.inference_mode()
     def __call__(self, images_uint8: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

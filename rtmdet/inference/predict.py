@@ -29,6 +29,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu); a checkpoint's: an "
                    "export runs where its runtime does (.pt2: the device it was compiled for)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="a checkpoint on CUDA: weights and activations of the fast path (default fp32)")
+    p.add_argument("--compile", choices=("off", "default", "max-autotune"), default="off",
+                   help="a checkpoint: compile the fast path with TorchInductor first (seconds to minutes, once; "
+                        "default off)")
     p.set_defaults(func=run)
 
 
@@ -62,9 +67,15 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.imgsz is not None and args.imgsz % 32:
         raise ConfigError(f"--imgsz {args.imgsz} is not a multiple of 32")
+    fast = {}
+    if (args.precision, args.compile) != ("fp32", "off"):
+        if args.weights.suffix.lower() == ".pt2":
+            raise ConfigError(f"{args.weights}: --precision and --compile apply to checkpoints; an AOTInductor "
+                              "package is compiled already")
+        fast = dict(dtype=args.precision, compile=args.compile)
     detector = Detector.from_file(
         args.weights, device=device, image_size=args.imgsz, batch_size=args.batch_size,
-        score_thr=args.score_thr, iou_thr=args.iou_thr, max_per_img=args.max_det)
+        score_thr=args.score_thr, iou_thr=args.iou_thr, max_per_img=args.max_det, **fast)
     files = source_images(args.source)
     base = args.source if args.source.is_dir() else args.source.parent
     args.out.mkdir(parents=True, exist_ok=True)

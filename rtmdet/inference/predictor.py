@@ -44,11 +44,12 @@ class Detector:
         self.batch_size = batch_size
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", fast: bool | str = "auto",
-                        **kwargs) -> "Detector":
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", fast: bool | str = "auto", dtype: str = "fp32",
+                        compile: str = "off", **kwargs) -> "Detector":
         """A torch Detector from an rtmdet or mmdetection checkpoint; kwargs: PostprocessConfig fields,
         `image_size` (default: the checkpoint's training size) and `batch_size`. fast: BatchNorm
-        folded and CUDA graphs (TorchBackend's fast; auto = on CUDA devices)."""
+        folded and CUDA graphs (TorchBackend's fast; auto = on CUDA devices), in `dtype` (fp32, fp16,
+        bf16 on CUDA) and compiled by TorchInductor when `compile` is default or max-autotune."""
         from rtmdet.inference.postprocess_ins import InsPostprocessConfig
         from rtmdet.models.checkpoint import class_names_of, load_model
 
@@ -58,7 +59,8 @@ class Detector:
         task = model.cfg.task
         post = InsPostprocessConfig(**kwargs) if task == "segment" else PostprocessConfig(**kwargs)
         names = class_names_of(ckpt, model.cfg.num_classes)
-        return cls(TorchBackend(model, device, fast=fast), names, image_size, post, batch_size, task)
+        backend = TorchBackend(model, device, fast=fast, dtype=dtype, compile=compile)
+        return cls(backend, names, image_size, post, batch_size, task)
 
     @classmethod
     def from_file(cls, path: str | Path, device: str = "cpu", **kwargs) -> "Detector":
