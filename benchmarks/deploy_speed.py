@@ -1,72 +1,257 @@
-"""GPU latency of the torch inference paths per RTMDet size: eager against the fast path.
+"""GPU latency of the inference paths per RTMDet size: eager, CUDA graphs, Inductor, AOTInductor.
 
-    python benchmarks/deploy_speed.py [--pairs nano:192 nano:640 tiny:640 s:640 m:640 l:640 x:640]
-        [--iters 200] [--warmup 20] [--batch 1]
+    python benchmarks/deploy_speed.py [--pairs nano:192 nano:320 nano:640 tiny:640 s:640 m:640 l:640 x:640]
+        [--paths eager-fp32 graph-fp16 autotune-fp16 ...] [--e2e fp16:autotune] [--batch32 fp16:autotune]
+        [--weights tiny=parity_tiny.pt] [--photo photo.jpg] [--iters 200] [--warmup 30] [--json out.jsonl]
+        [--profile tiny:640] [--budget-s 0]
 
-Model only: a uint8 BGR batch already on the GPU in, the raw head outputs (float32) out, through
-rtmdet.inference.backends.TorchBackend: eager fp32, eager under fp16 autocast, and the fast path
-(BatchNorm folded, channels_last, the forward replayed as a CUDA graph; rtmdet.inference.fast) in
-fp16 and bf16. Median milliseconds of --iters runs after --warmup, each timed with CUDA events.
-Random weights with 80 classes (speed does not depend on them). Prints a markdown table.
-Needs a CUDA GPU. (Issue 17 asks for more: image-in/detections-out, AOTInductor, batch 32.)
+Model only (--paths): a uint8 BGR [1, 3, S, S] batch already on the GPU in, the raw head outputs out:
+  eager-fp32, eager-fp16 (autocast): the training model as it is (rtmdet.inference.backends.TorchBackend);
+  graph-{fp32,fp16,bf16}: rtmdet.inference.fast (BatchNorm folded, channels_last, the forward
+      with its normalization replayed as one CUDA graph; what is timed is the replay);
+  inductor-{dtype}, autotune-{dtype}: the same, compiled by TorchInductor first (compile "default"
+      or "max-autotune"), then captured in the graph;
+  aoti-{dtype}: the folded model with its normalization as an AOTInductor package for CUDA
+      (torch.export + aoti_compile_and_package), called through its runner.
+Image in, detections out (--e2e DTYPE:COMPILE): rtmdet.inference.gpu.GpuPipeline on a photo that is
+  a uint8 HxWx3 tensor on the GPU: letterbox, the graph (model + candidate selection), NMS, the
+  final boxes; the post-process at its defaults (score 0.001, 300 boxes) and at score 0.3.
+Batch 32 (--batch32 DTYPE:COMPILE): the graph replay at batch 32, images per second.
+
+Medians of --iters runs after --warmup, each timed with CUDA events. Weights are random (80 classes)
+unless --weights gives a checkpoint for a size (speed does not depend on them, but the number of
+candidates that reach NMS does). Compile seconds are printed too. Prints markdown tables; --json
+appends one JSON line per measurement. --budget-s stops starting new rows once that many seconds have
+passed (0: no limit). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 from rtmdet.inference.backends import TorchBackend  # noqa: E402
+from rtmdet.inference.fast import FastForward, _Inference  # noqa: E402
+from rtmdet.inference.postprocess import PostprocessConfig  # noqa: E402
 from rtmdet.models import build_model  # noqa: E402
 
-PATHS = {
-    "eager fp32": dict(),
-    "eager fp16 autocast": dict(half=True),
-    "fast fp16": dict(fast=True, dtype="fp16"),
-    "fast bf16": dict(fast=True, dtype="bf16"),
-}
+PAIRS = ["nano:192", "nano:320", "nano:640", "tiny:640", "s:640", "m:640", "l:640", "x:640"]
+PATHS = ["eager-fp32", "eager-fp16", "graph-fp16", "graph-bf16", "autotune-fp16", "autotune-bf16", "aoti-fp16"]
+COMPILE = {"graph": "off", "inductor": "default", "autotune": "max-autotune"}
+# RTMDet paper, TensorRT fp16, batch 1 at 640 on an RTX 3090 (the issue's targets).
+PAPER_3090_MS = {"tiny": 0.98, "s": 1.22, "m": 1.62, "l": 2.44, "x": 3.10}
 
 
-def median_ms(fn, x: torch.Tensor, iters: int, warmup: int) -> float:
+def median_ms(fn: Callable[[], object], iters: int, warmup: int) -> float:
     for _ in range(warmup):
-        fn(x)
+        fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn(x)
+        fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 
+def load(size: str, px: int, weights: dict[str, str]):
+    if size in weights:
+        from rtmdet.models.checkpoint import load_model
+
+        model, _ = load_model(weights[size], "cpu")
+        if model.cfg.image_size != px:
+            model.cfg = dataclasses.replace(model.cfg, image_size=px)
+        return model.eval()
+    torch.manual_seed(0)
+    return build_model(size, 80, image_size=px).eval()
+
+
+def model_only(model, path: str, x: torch.Tensor) -> tuple[Callable[[], object], float]:
+    """The timed callable of one --paths entry and its set-up (compile) seconds."""
+    kind, dtype = path.split("-")
+    t0 = time.perf_counter()
+    if kind == "eager":
+        backend = TorchBackend(model, "cuda", half=dtype == "fp16")
+        backend(x)
+        return (lambda: backend(x)), time.perf_counter() - t0
+    if kind == "aoti":
+        runner = aoti_runner(model, dtype, x)
+        runner(x)
+        return (lambda: runner(x)), time.perf_counter() - t0
+    fast = FastForward(model, "cuda", dtype, compile=COMPILE[kind])
+    fast(x)  # compiles and captures
+    torch.cuda.synchronize()
+    return fast._graph.replay, time.perf_counter() - t0
+
+
+def aoti_runner(model, dtype: str, x: torch.Tensor):
+    import tempfile
+
+    from torch._inductor import aoti_compile_and_package, aoti_load_package
+
+    from rtmdet.inference.fast import DTYPES
+    from rtmdet.models.fuse import fuse_conv_bn
+
+    net = fuse_conv_bn(model).cuda().to(memory_format=torch.channels_last, dtype=DTYPES[dtype]).eval()
+    module = _Inference(net, DTYPES[dtype]).eval()
+    path = tempfile.mkdtemp() + "/m.pt2"
+    with torch.no_grad():
+        program = torch.export.export(module, (x,), strict=False)
+        aoti_compile_and_package(program, package_path=path)
+    return aoti_load_package(path)
+
+
+def e2e(model, dtype: str, compile_: str, photo: torch.Tensor, iters: int, warmup: int,
+        thresholds: tuple[float, ...] = (0.001, 0.7)) -> list[dict]:
+    """GpuPipeline per score threshold: the whole call, and its graph replay alone; the kept
+    detections, and whether they equal torchvision's NMS of the same candidates (finish_image)."""
+    from rtmdet.inference.gpu import GpuPipeline
+    from rtmdet.inference.postprocess_static import finish_image
+
+    rows = []
+    for thr in thresholds:
+        t0 = time.perf_counter()
+        cfg = PostprocessConfig(score_thr=thr)
+        pipe = GpuPipeline(model, "cuda", dtype, compile_, cfg)
+        boxes, scores, labels = pipe(photo)
+        setup = time.perf_counter() - t0
+        ms = median_ms(lambda: pipe(photo), iters, warmup)
+        run = next(iter(pipe._graphs.values()))
+        graph_ms = median_ms(run.graph.replay, iters, warmup)
+        _, _, found, _, stats = run.outputs
+        ref = finish_image(found, 0, run.info.ori_hw, cfg, lambda: None)
+        same = ref is not None and all(torch.equal(a, b) for a, b in zip((boxes, scores, labels), ref))
+        rows.append(dict(score_thr=thr, ms=ms, graph_ms=graph_ms, detections=int(boxes.shape[0]),
+                         exact_in_graph=bool(stats[1]), same_as_torchvision_nms=same, setup_s=setup))
+    return rows
+
+
+def profile(model, dtype: str, compile_: str, x: torch.Tensor) -> None:
+    """Per forward without a graph: the kernels, their count and their summed GPU time (the
+    replay cannot beat that sum)."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    fast = FastForward(model, "cuda", dtype, graphs=False, compile=compile_)
+    for _ in range(3):
+        fast(x)
+    torch.cuda.synchronize()
+    runs = 5
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(runs):
+            fast.forward(x)
+        torch.cuda.synchronize()
+    kernels = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time for e in kernels) / runs / 1000
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:90], []).append(e.device_time)
+    print(f"\nprofile {dtype} compile={compile_}: {len(kernels) / runs:.0f} kernels per forward, "
+          f"{total:.3f} ms of kernel time")
+    for name, ts in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]:
+        print(f"  {sum(ts) / runs / 1000:.4f} ms  x{len(ts) // runs:<3d} {name}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", nargs="+", default=["nano:192", "nano:640", "tiny:640", "s:640", "m:640", "l:640",
-                                                  "x:640"], help="SIZE:PIXELS")
+    p.add_argument("--pairs", nargs="+", default=PAIRS, help="SIZE:PIXELS")
+    p.add_argument("--paths", nargs="*", default=PATHS)
+    p.add_argument("--e2e", nargs="*", default=[], help="DTYPE:COMPILE, e.g. fp16:max-autotune")
+    p.add_argument("--batch32", nargs="*", default=[], help="DTYPE:COMPILE")
+    p.add_argument("--weights", nargs="*", default=[], help="SIZE=CHECKPOINT")
+    p.add_argument("--photo", help="a photo for --e2e (default: a 480x640 gradient)")
+    p.add_argument("--profile", nargs="*", default=[], help="SIZE:PIXELS to profile (graph-fp16, inductor-fp16)")
     p.add_argument("--iters", type=int, default=200)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--json", help="append JSON lines here")
+    p.add_argument("--budget-s", type=float, default=0)
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("deploy_speed: needs a CUDA GPU", file=sys.stderr)
         return 2
-    print(f"| model | px | {' | '.join(f'{name} ms' for name in PATHS)} |")
-    print("|---|---|" + "---|" * len(PATHS))
+    started = time.perf_counter()
+    weights = dict(w.split("=", 1) for w in args.weights)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cudnn {torch.backends.cudnn.version()}")
+    torch.backends.cudnn.benchmark = True
+
+    def record(**row) -> None:
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def over_budget() -> bool:
+        return bool(args.budget_s) and time.perf_counter() - started > args.budget_s
+
+    if args.photo:
+        import cv2
+
+        photo = torch.from_numpy(cv2.imread(args.photo)).cuda()
+    else:
+        photo = torch.arange(480 * 640 * 3, device="cuda").reshape(480, 640, 3).remainder(251).to(torch.uint8)
+    table: dict[tuple[str, str], dict[str, float]] = {}
     for pair in args.pairs:
         size, px = pair.split(":")
-        model = build_model(size, 80, image_size=int(px)).eval()
-        x = torch.randint(0, 256, (args.batch, 3, int(px), int(px)), dtype=torch.uint8, device="cuda")
-        row = [median_ms(TorchBackend(model, "cuda", **kw), x, args.iters, args.warmup) for kw in PATHS.values()]
-        print(f"| {size} | {px} | " + " | ".join(f"{v:.2f}" for v in row) + " |", flush=True)
+        model = load(size, int(px), weights)
+        x = torch.randint(0, 256, (1, 3, int(px), int(px)), dtype=torch.uint8, device="cuda")
+        if pair in args.profile:
+            for dtype, comp in (("fp16", "off"), ("fp16", "default")):
+                profile(model, dtype, comp, x)
+        for path in args.paths:
+            if over_budget():
+                break
+            try:
+                fn, setup = model_only(model, path, x)
+                ms = median_ms(fn, args.iters, args.warmup)
+            except Exception as exc:  # a benchmark row that fails is reported, the others go on
+                record(size=size, px=int(px), path=path, error=str(exc).splitlines()[0][:200])
+                continue
+            table.setdefault((size, px), {})[path] = ms
+            record(size=size, px=int(px), path=path, ms=round(ms, 4), setup_s=round(setup, 1))
+        for spec in args.e2e:
+            if over_budget():
+                break
+            dtype, comp = spec.split(":")
+            try:
+                rows = e2e(model, dtype, comp, photo, args.iters, args.warmup)
+            except Exception as exc:  # reported, the other rows go on
+                record(size=size, px=int(px), path=f"e2e-{dtype}-{comp}", error=str(exc).splitlines()[0][:300])
+                continue
+            for row in rows:
+                table.setdefault((size, px), {})[f"e2e-{dtype}-{comp}@{row['score_thr']}"] = row["ms"]
+                record(size=size, px=int(px), path=f"e2e-{dtype}-{comp}", **row)
+        for spec in args.batch32:
+            if over_budget():
+                break
+            dtype, comp = spec.split(":")
+            xb = torch.randint(0, 256, (32, 3, int(px), int(px)), dtype=torch.uint8, device="cuda")
+            fast = FastForward(model, "cuda", dtype, compile=comp)
+            fast(xb)
+            ms = median_ms(fast._graph.replay, max(args.iters // 4, 50), 10)
+            table.setdefault((size, px), {})[f"b32-{dtype}-{comp} img/s"] = 32e3 / ms
+            record(size=size, px=int(px), path=f"batch32-{dtype}-{comp}", ms=round(ms, 3), images_per_s=round(32e3 / ms))
+        del model
+        torch.cuda.empty_cache()
+    columns = sorted({c for row in table.values() for c in row}, key=lambda c: (not c in args.paths, c))
+    print(f"\n| model | px | paper 3090 ms | {' | '.join(columns)} |")
+    print("|---|---|---|" + "---|" * len(columns))
+    for (size, px), row in table.items():
+        paper = PAPER_3090_MS.get(size, "-") if px == "640" else "-"
+        cells = [f"{row[c]:.3f}" if c in row and "img/s" not in c else (f"{row[c]:.0f}" if c in row else "-")
+                 for c in columns]
+        print(f"| {size} | {px} | {paper} | " + " | ".join(cells) + " |")
     return 0
 
 
