@@ -8,6 +8,7 @@ from importlib import import_module
 _EXPORTS = {
     "Detections": "rtmdet.inference.detections",
     "Detector": "rtmdet.inference.predictor",
+    "GpuPipeline": "rtmdet.inference.gpu",
     "PostprocessConfig": "rtmdet.inference.postprocess",
 }
 __all__ = list(_EXPORTS)
