@@ -3,7 +3,7 @@
     python benchmarks/deploy_speed.py [--pairs nano:192 nano:320 nano:640 tiny:640 s:640 m:640 l:640 x:640]
         [--paths eager-fp32 graph-fp16 autotune-fp16 ...] [--e2e fp16:autotune] [--batch32 fp16:autotune]
         [--weights tiny=parity_tiny.pt] [--photo photo.jpg] [--iters 200] [--warmup 30] [--json out.jsonl]
-        [--profile tiny:640] [--budget-s 0]
+        [--profile tiny:640] [--profile-e2e fp16:default] [--budget-s 0]
 
 Model only (--paths): a uint8 BGR [1, 3, S, S] batch already on the GPU in, the raw head outputs out:
   eager-fp32, eager-fp16 (autocast): the training model as it is (rtmdet.inference.backends.TorchBackend);
@@ -139,6 +139,46 @@ def e2e(model, dtype: str, compile_: str, photo: torch.Tensor, iters: int, warmu
     return rows
 
 
+def profile_e2e(model, dtype: str, compile_: str, photo: torch.Tensor, thr: float = 0.001) -> None:
+    """GpuPipeline's steps one by one without the graph, under profiler ranges: the kernels'
+    summed GPU time per step (letterbox, model, selection and NMS compiled as in the pipeline, and
+    the selection and the NMS eager)."""
+    from torch.profiler import ProfilerActivity, profile as prof, record_function
+
+    from rtmdet.inference.gpu import GpuPipeline, letterbox_tensor
+    from rtmdet.inference.postprocess_static import nms_in_graph, select_candidates
+
+    cfg = PostprocessConfig(score_thr=thr)
+    pipe = GpuPipeline(model, "cuda", dtype, compile_, cfg)
+    pipe(photo)
+    run = next(iter(pipe._graphs.values()))
+    size = pipe.size
+
+    def steps():
+        with record_function("letterbox"):
+            letterbox_tensor(photo, size, out=run.canvas)
+        with record_function("model"):
+            cls, reg = pipe.fast.forward(run.canvas)[:2]
+        with record_function("select+nms (as in the pipeline)"):
+            pipe._post(cls, reg, run.inv_scale, run.ori_hw)
+        with record_function("select (eager)"):
+            found = select_candidates(cls, reg, pipe.strides, (size, size), run.inv_scale, cfg)
+        with record_function("nms_in_graph (eager)"):
+            nms_in_graph(found, run.ori_hw, cfg)
+
+    for _ in range(3):
+        steps()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(5):
+            steps()
+        torch.cuda.synchronize()
+    print(f"\nprofile e2e {dtype} compile={compile_} score {thr}: kernel ms per call by step")
+    for e in p.key_averages():
+        if e.key in ("letterbox", "model", "select+nms (as in the pipeline)", "select (eager)", "nms_in_graph (eager)"):
+            print(f"  {e.device_time_total / e.count / 1000:.4f} ms  {e.key}")
+
+
 def profile(model, dtype: str, compile_: str, x: torch.Tensor) -> None:
     """Per forward without a graph: the kernels, their count and their summed GPU time (the
     replay cannot beat that sum)."""
@@ -173,6 +213,7 @@ def main() -> int:
     p.add_argument("--weights", nargs="*", default=[], help="SIZE=CHECKPOINT")
     p.add_argument("--photo", help="a photo for --e2e (default: a 480x640 gradient)")
     p.add_argument("--profile", nargs="*", default=[], help="SIZE:PIXELS to profile (graph-fp16, inductor-fp16)")
+    p.add_argument("--profile-e2e", nargs="*", default=[], help="DTYPE:COMPILE: GpuPipeline's steps profiled")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--json", help="append JSON lines here")
@@ -232,6 +273,9 @@ def main() -> int:
             for row in rows:
                 table.setdefault((size, px), {})[f"e2e-{dtype}-{comp}@{row['score_thr']}"] = row["ms"]
                 record(size=size, px=int(px), path=f"e2e-{dtype}-{comp}", **row)
+        for spec in args.profile_e2e:
+            dtype, comp = spec.split(":")
+            profile_e2e(model, dtype, comp, photo)
         for spec in args.batch32:
             if over_budget():
                 break
