@@ -99,9 +99,18 @@ def test_ema_leaves_the_average_of_the_steps_weights(data, monkeypatch):
     assert not all(torch.allclose(f, w, atol=1e-6) for f, w in zip(final, seen[-1]))  # not the last step's
 
 
-@pytest.mark.parametrize("knob, value", [("distill_weight", -1.0), ("ema", 1.0), ("ema", -0.1)])
+@pytest.mark.parametrize("knob, value", [("distill_weight", -1.0), ("ema", 1.0), ("ema", -0.1), ("ema", "often")])
 def test_bad_distill_and_ema_values_are_one_line(knob, value):
     from rtmdet.quantization.qat import check_qat_params
 
     with pytest.raises(ConfigError, match=f"qat.{knob}"):
         check_qat_params(QATParams(**{knob: value}))
+
+
+def test_auto_ema_is_on_for_segment_models_only():
+    from rtmdet.quantization.qat import resolve_ema
+
+    assert resolve_ema("auto", "segment") == 0.01
+    assert [resolve_ema("auto", t) for t in ("detect", "rotate", "classify")] == [0.0, 0.0, 0.0]
+    assert resolve_ema(0.2, "detect") == 0.2 and resolve_ema(0.0, "segment") == 0.0
+    assert QATParams().ema == "auto"

@@ -12,7 +12,8 @@ Schedule (epochs 0-based, F = qat.freeze_observers_epoch):
     (qat.distill_weight > 0) adds the pull toward the float model's raw outputs
     (rtmdet.quantization.self_distill) to its task loss. AdamW over the folded weights (no BN
     left to freeze), lr on a cosine from qat.lr down to train.min_lr_ratio x qat.lr; with
-    qat.ema > 0 a moving average of the weights is kept and replaces them after the last step;
+    qat.ema > 0 (auto: 0.01 for segment models) a moving average of the weights is kept and
+    replaces them after the last step;
   * after the last epoch: one more calibration with the final weights: the converter
     calibrates the weights it is given, so these are the ranges the int8 file will have.
     How far they moved from the frozen ones is reported (`range_shift`).
@@ -70,12 +71,21 @@ def check_qat_params(qat: QATParams) -> None:
         raise ConfigError(f"qat.lr must be positive, got {qat.lr}")
     if qat.distill_weight < 0:
         raise ConfigError(f"qat.distill_weight must be 0 or more, got {qat.distill_weight}")
-    if not 0 <= qat.ema < 1:
-        raise ConfigError(f"qat.ema must be in [0, 1), got {qat.ema}")
+    if qat.ema != "auto" and (isinstance(qat.ema, str) or not 0 <= qat.ema < 1):
+        raise ConfigError(f"qat.ema must be auto or in [0, 1), got {qat.ema!r}")
     if qat.freeze_observers_epoch < 0:
         raise ConfigError(f"qat.freeze_observers_epoch must be 0 or more, got {qat.freeze_observers_epoch}")
     if qat.workers < 0:
         raise ConfigError(f"qat.workers must be 0 or more, got {qat.workers}")
+
+
+# qat.ema "auto": per task (see rtmdet.config.QATParams)
+AUTO_EMA = {"segment": 0.01}
+
+
+def resolve_ema(ema: float | str, task: str) -> float:
+    """qat.ema as a number for a model of `task`."""
+    return AUTO_EMA.get(task, 0.0) if ema == "auto" else float(ema)
 
 
 def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: TrainParams,
@@ -108,14 +118,15 @@ def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: 
         criterion = task.loss(model, train)
     names = ["loss", "loss_cls", "loss_bbox"] + ["loss_mask"] * task.masks + ["loss_distill"] * bool(distill_weight)
     params = [p for p in model.parameters() if p.requires_grad]
-    average = [p.detach().clone() for p in params] if qat.ema > 0 else None
+    ema = resolve_ema(qat.ema, model.cfg.task)
+    average = [p.detach().clone() for p in params] if ema > 0 else None
     priors = None
     if task.parts.uses_priors:
         priors = make_priors([(imgsz // s, imgsz // s) for s in model.strides], model.strides, device=device)
     result, start, frozen = FinetuneResult(), time.perf_counter(), None
     log.info("QAT: %d epochs x %d iterations, lr %.3g, ranges fixed from epoch %d%s%s", qat.epochs, iters, lr,
              qat.freeze_observers_epoch + 1, f", distilled (weight {distill_weight:g})" if distill_weight else "",
-             f", weights averaged (ema {qat.ema:g})" if average else "")
+             f", weights averaged (ema {ema:g})" if average else "")
     for epoch in range(qat.epochs):
         if epoch <= qat.freeze_observers_epoch:
             calibrate(model, calibration)
@@ -133,7 +144,7 @@ def finetune(model: QATModel, dataset: DetectionDataset, qat: QATParams, train: 
                            teacher, classify, distill_weight, names)
             if average is not None:
                 with torch.no_grad():
-                    torch._foreach_lerp_(average, [p.detach() for p in params], qat.ema)
+                    torch._foreach_lerp_(average, [p.detach() for p in params], ema)
             kill_point("qat:step")
             sums += losses
         means = (sums / iters).tolist()
