@@ -64,6 +64,17 @@ def facemask() -> Path:
     return FACEMASK
 
 
+@pytest.fixture
+def strict_fp32():
+    """Convolutions and matmuls in true fp32 for the test, TF32 off (cuDNN's default is on, and a
+    CUDA training earlier in the session turns matmuls on too): the references were made on the
+    CPU, and TF32's 10-bit mantissa moved one score across the threshold (120 detections, not 119)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def random_detector_checkpoint(path: Path, size: str = "nano", classes=("cat", "dog"), image_size: int = 64,
                                category_ids=None) -> Path:
     """Save an untrained model whose boxes are real (distances of about one stride), not zero-sized."""

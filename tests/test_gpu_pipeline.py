@@ -116,14 +116,6 @@ def test_pipeline_refuses_segment_models_and_bad_images():
         pipe(torch.zeros(3, 64, 64, dtype=torch.uint8))
 
 
-@pytest.fixture
-def strict_fp32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_", ["off", "default"])
 def test_gpu_pipeline_keeps_the_reference_detections(refs, facemask, parity_model, strict_fp32, compile_):

@@ -89,17 +89,6 @@ def test_gpu_graphs_replay_any_smaller_batch_like_the_eager_model(dtype):
     assert fast._static_in.shape[0] == 4
 
 
-@pytest.fixture
-def strict_fp32():
-    """Convolutions and matmuls in true fp32 for the test, TF32 off (cuDNN's default is on, and a
-    CUDA training earlier in the session turns matmuls on too): the references were made on the
-    CPU, and TF32's 10-bit mantissa moved one score across the threshold (120 detections, not 119)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @pytest.mark.gpu
 def test_gpu_fast_detector_keeps_the_reference_detections(refs, facemask, capsys, strict_fp32):
     # fp32 graphs, the default of the fast path. Measured on an H200 for fp16 / bf16 instead: 108

@@ -44,8 +44,7 @@ def letterbox_tensor(image: torch.Tensor, size: int, out: torch.Tensor | None = 
     """`rtmdet.inference.preprocess.letterbox` for a uint8 HxWx3 tensor on any device: the
     [1, 3, size, size] uint8 canvas (written into `out` when given) and how the photo maps onto it.
     The resize is OpenCV's INTER_LINEAR for uint8, bit for bit (see `resize_linear`)."""
-    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise DataError(f"image tensor of shape {tuple(image.shape)} and dtype {image.dtype}: expected HxWx3 uint8 BGR")
+    check_photo(image)
     h, w = image.shape[:2]
     new_w, new_h, _ = rescale_size(w, h, size)
     canvas = out if out is not None else torch.empty((1, 3, size, size), dtype=torch.uint8, device=image.device)
@@ -54,6 +53,12 @@ def letterbox_tensor(image: torch.Tensor, size: int, out: torch.Tensor | None = 
     canvas[:, :, new_h:, :].fill_(pad_value)
     canvas[:, :, :new_h, new_w:].fill_(pad_value)
     return canvas, LetterboxInfo(ori_hw=(h, w), resized_hw=(new_h, new_w), scale_wh=(new_w / w, new_h / h))
+
+
+def check_photo(image: torch.Tensor) -> None:
+    """One line for a tensor that is not a uint8 HxWx3 photo."""
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise DataError(f"image tensor of shape {tuple(image.shape)} and dtype {image.dtype}: expected HxWx3 uint8 BGR")
 
 
 def resize_linear(image: torch.Tensor, new_w: int, new_h: int) -> torch.Tensor:
@@ -129,9 +134,7 @@ class GpuPipeline:
     @torch.inference_mode()
     def __call__(self, image: torch.Tensor) -> Result:
         """uint8 HxWx3 BGR -> boxes [K, 4] (photo pixels, xyxy), scores [K], labels [K] on the device."""
-        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise DataError(f"image tensor of shape {tuple(image.shape)} and dtype {image.dtype}: expected HxWx3 "
-                            "uint8 BGR")
+        check_photo(image)
         image = image.to(self.device, non_blocking=True)
         h, w = image.shape[:2]
         run = self._graphs.get((h, w))
