@@ -237,9 +237,16 @@ def test_onnx_export_of_a_segment_model_gives_the_torch_detections_and_masks(tra
     assert sum(len(d) for d in torch_dets) > 0
     for t, o in zip(torch_dets, onnx_dets):
         # An untrained model's scores nearly tie, and float32 in another runtime may swap two of
-        # them: compare each image's detections as a set, sorted by class and box.
+        # them: compare each image's detections as a set, sorted by class and box. At the
+        # max_per_img cut, which of two boxes scoring within 1e-6 gets the last places is such a
+        # swap too (seen: 0.00972793 vs 0.00972794 after a 100-box cut), so the set left out is
+        # the detections within 1e-6 of the lowest kept score, and they may differ by class.
         assert len(t) == len(o)
-        order_t, order_o = (np.lexsort((d.boxes[:, 1].round(1), d.boxes[:, 0].round(1), d.labels)) for d in (t, o))
+        floor = min(t.scores.min(initial=1.0), o.scores.min(initial=1.0)) + 1e-6
+        kept_t, kept_o = np.flatnonzero(t.scores > floor), np.flatnonzero(o.scores > floor)
+        assert len(kept_t) == len(kept_o) >= len(t) // 2  # most are clear of the cut (here 91 of 100)
+        order_t, order_o = (k[np.lexsort((d.boxes[k, 1].round(1), d.boxes[k, 0].round(1), d.labels[k]))]
+                            for d, k in ((t, kept_t), (o, kept_o)))
         assert np.array_equal(t.labels[order_t], o.labels[order_o])
         np.testing.assert_allclose(o.boxes[order_o], t.boxes[order_t], atol=0.05)
         for i, j in zip(order_t, order_o):
