@@ -1,4 +1,4 @@
-"""Image in, detections out, on the GPU: letterbox, model and candidate selection in one CUDA graph.
+"""Image in, detections out, on the GPU: letterbox, model, candidate selection and NMS in one CUDA graph.
 
 `GpuPipeline` takes a photo that is already a uint8 HxWx3 BGR tensor on the GPU (a decoder's or a
 camera's output) and returns its final boxes, scores and labels on the GPU. Per call:
@@ -8,8 +8,8 @@ camera's output) and returns its final boxes, scores and labels on the GPU. Per 
    (`letterbox_tensor`: OpenCV's bilinear resize keeping the aspect ratio, bit for bit, then pad 114
    bottom/right), normalization, the fast model (rtmdet.inference.fast: BatchNorm folded,
    channels_last, fp32/fp16/bf16, optionally Inductor-compiled) and the fixed-shape candidate
-   selection (rtmdet.inference.postprocess_static steps 1-2)
-   and class-aware greedy NMS of them with fixed shapes (`nms_in_graph`);
+   selection (rtmdet.inference.postprocess_static steps 1-2) and class-aware greedy NMS of them
+   with fixed shapes (`nms_in_graph`);
 3. one read of the kept count (the one place where the host waits), then the kept rows. Should
    the in-graph NMS not be exact for a photo (very long chains of suppression, or more
    candidates than K that the K do not settle), torchvision's NMS or the eager post-process
@@ -99,7 +99,8 @@ class GpuPipeline:
 
     dtype: fp32, fp16 or bf16 weights and activations; compile: rtmdet.inference.fast's modes
     (off, default, max-autotune). A graph is captured (and the model compiled, when asked) at the
-    first photo of each size, and kept for the last `max_graphs` sizes: time it from the second.
+    first photo of each size, and kept with its buffers for the last `max_graphs` sizes: time it
+    from the second.
     nms_passes: rounds of the in-graph greedy NMS (nms_in_graph) before its exactness check."""
 
     def __init__(self, model: "RTMDet", device: str | torch.device = "cuda", dtype: str = "fp16",
@@ -168,9 +169,9 @@ class GpuPipeline:
         run = _Captured(photo, canvas, inv_scale, ori_hw, info)
         if self.device.type == "cuda":
             run.graph, run.outputs = capture_graph(self._forward, photo, canvas, inv_scale, ori_hw)
-            self._graphs[(h, w)] = run
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
+        self._graphs[(h, w)] = run
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
         return run
 
 
