@@ -61,3 +61,27 @@ def test_static_equals_eager_on_the_gpu(cfg):
     cls, reg = _maps(3, 5, 128, seed=0)
     args = ([c.cuda() for c in cls], [r.cuda() for r in reg], STRIDES, (128, 128), SCALE, ORI, cfg)
     _same(postprocess_batch_static(*args), postprocess_batch(*args))
+
+
+@pytest.mark.parametrize("crowd", [0, 30], ids=["spread", "crowded-locations"])
+def test_the_best_pairs_are_found_among_the_best_locations(crowd):
+    """select_candidates looks for the K+1 best (location, class) pairs among the K+1 best
+    locations only. With `crowd` locations scoring high in every class, most of the best pairs
+    share a location; the candidates' scores are still the K best of all pairs, and the K+1-th."""
+    from rtmdet.inference.postprocess_static import select_candidates
+
+    cls, reg = _maps(2, 40, 256, seed=5)
+    g = torch.Generator().manual_seed(6)
+    for c in cls:
+        for i in range(2):
+            hot = torch.randperm(c.shape[2] * c.shape[3], generator=g)[: crowd // 3]
+            c[i].view(40, -1)[:, hot] += 6.0
+    cfg = PostprocessConfig(score_thr=0.001)
+    found = select_candidates(cls, reg, STRIDES, (256, 256), torch.ones(2, 4), cfg, k=500)
+    assert found.ranked
+    every = torch.cat([c.permute(0, 2, 3, 1).reshape(2, -1) for c in cls], dim=1).sigmoid()
+    best = every.topk(501, dim=1).values
+    assert torch.equal(found.scores.sort(dim=1, descending=True).values, best[:, :500])
+    assert torch.equal(found.beyond, best[:, 500])
+    if crowd:  # the crowded locations hold most of the best pairs (40 classes each)
+        assert (found.scores > 0.9).sum() >= 400

@@ -5,18 +5,20 @@
 them per image by a count read back from the GPU. On a GPU at batch 1 those waits cost more than
 the arithmetic. This version keeps every tensor's shape fixed until NMS:
 
-1. per level, the nms_pre best (location, class) scores of each image (all of them when the
-   level has fewer), scores at or under score_thr marked invalid instead of dropped;
-2. over the levels, the best `preselect` = max(PRESELECT, 8 x max_per_img) of each image (the
-   eager path's NMS preselection), decoded, rescaled to the photo and marked invalid when
-   smaller than min_bbox_size: [N, K] boxes, scores, labels and validity;
+1. the K+1 best (location, class) pairs of each image over the levels, as if each level had kept
+   its nms_pre best first (select_candidates: found among the best locations' classes, in logits),
+   scores at or under score_thr marked invalid instead of dropped; K = max(PRESELECT, 8 x
+   max_per_img) (the eager path's NMS preselection) unless the caller asks for another;
+2. the K best of those, decoded, rescaled to the photo and marked invalid when smaller than
+   min_bbox_size: [N, K] boxes, scores, labels and validity; the K+1-th score tells later
+   whether the K settle the image;
 3. per image, class-aware NMS (torchvision) of those K, invalid ones scored -inf so they come
    last and suppress nothing, then the valid kept ones, the first max_per_img, clipped.
 
 Steps 1 and 2 can run inside a CUDA graph. The result equals `postprocess_batch`'s exactly:
-when an image has more valid candidates than K and NMS of the K keeps fewer than max_per_img
-(or scores tie at the cut), the eager path itself looks at all of them, and so does this one
-for that image (by calling it), as `_nms` explains there.
+when an image has more valid candidates than K and NMS of the K does not settle it (fewer than
+max_per_img kept, or the last one kept not above the K+1-th score), the eager path itself looks
+at all of them, and so does this one for that image (by calling it), as `_nms` explains there.
 """
 
 from __future__ import annotations
@@ -49,11 +51,20 @@ def all_points(sizes: list[tuple[int, int]], strides: tuple[int, ...], device: t
 
 
 def select_candidates(cls_scores: list[torch.Tensor], bbox_preds: list[torch.Tensor], strides: tuple[int, ...],
-                      canvas_hw: tuple[int, int], inv_scale: torch.Tensor, cfg: PostprocessConfig
-                      ) -> Candidates:
-    """Steps 1-2 of the module docstring, shapes fixed by the maps' shapes and cfg alone.
+                      canvas_hw: tuple[int, int], inv_scale: torch.Tensor, cfg: PostprocessConfig,
+                      k: int | None = None) -> Candidates:
+    """Steps 1-2 of the module docstring, shapes fixed by the maps' shapes, cfg and k alone.
 
-    inv_scale: [N, 4] the reciprocal scale factors (1/sw, 1/sh, 1/sw, 1/sh) of each image."""
+    inv_scale: [N, 4] the reciprocal scale factors (1/sw, 1/sh, 1/sw, 1/sh) of each image.
+    k: how many candidates go on (default: the eager path's preselection, max(PRESELECT,
+    8 x max_per_img)); any k gives exact results, through finish_image's check of whether they settle.
+
+    The K+1 best are found in logits (the sigmoid keeps their order) and, when every level's nms_pre
+    reaches past K+1, among the classes of the K+1 locations whose best class scores highest: the
+    K+1 best (location, class) pairs all lie there (each of those locations has a pair at or above
+    the K+1-th location's best, so the K+1-th best pair does too, and a pair elsewhere cannot beat
+    it). That is a top-k over locations and one over (K+1) x C pairs instead of one over every pair
+    of the largest level (512,000 at 640 px and 80 classes, the selection's slowest kernel)."""
     n = cls_scores[0].shape[0]
     device = cls_scores[0].device
     sizes = [tuple(c.shape[2:]) for c in cls_scores]
@@ -61,35 +72,20 @@ def select_candidates(cls_scores: list[torch.Tensor], bbox_preds: list[torch.Ten
     # K from the shapes: each level gives its nms_pre best; of all those, the K best go on. A level
     # then needs only its K+1 best (the K+1-th tells whether K settle it): the same K and K+1-th.
     total = sum(min(cfg.nms_pre, classes * h * w) for h, w in sizes)
-    k = min(total, max(eager.PRESELECT, 8 * cfg.max_per_img))
-    take = min(cfg.nms_pre, k + 1)
-    scores, flats, dists, counts = [], [], [], []
-    offset = 0  # index of the level's first point in all_points
-    for cls, reg in zip(cls_scores, bbox_preds):
-        c, h, w = cls.shape[1:]
-        level = cls.float().permute(0, 2, 3, 1).reshape(n, -1).sigmoid()  # [N, H*W*C], (loc, class) row-major
-        level = torch.where(level > cfg.score_thr, level, -1.0)
-        counts.append((level > cfg.score_thr).sum(dim=1).clamp(max=cfg.nms_pre))
-        if level.shape[1] > take:
-            level, flat = level.topk(take, dim=1)
-        else:
-            flat = torch.arange(level.shape[1], device=device).expand(n, -1)
-        scores.append(level)
-        flats.append(flat + offset * c)  # (point, class) index, per level then made global below
-        dists.append((reg.float().permute(0, 2, 3, 1).reshape(n, -1, 4), c, offset))
-        offset += h * w
-    score = torch.cat(scores, dim=1)  # [N, T], level-major like the eager path
-    flat = torch.cat(flats, dim=1)
+    k = min(total, k or max(eager.PRESELECT, 8 * cfg.max_per_img))
+    logits = [c.permute(0, 2, 3, 1).reshape(n, -1, classes) for c in cls_scores]  # [N, H*W, C] per level
+    counts = [(x.float().sigmoid() > cfg.score_thr).sum(dim=(1, 2)).clamp(max=cfg.nms_pre) for x in logits]
     valid_count = torch.stack(counts).sum(dim=0)
-    ranked = score.shape[1] > k  # as when every level kept its nms_pre best: more than K in all
-    if ranked:
-        top, pick = score.topk(k + 1, dim=1)
-        beyond, top, pick = top[:, k], top[:, :k], pick[:, :k]
+    ranked = total > k  # as when every level kept its nms_pre best: more than K in all
+    if ranked and cfg.nms_pre > k:
+        top, loc, label = _top_by_location(torch.cat(logits, dim=1), k + 1, cfg.score_thr)
     else:
-        top, pick, beyond = score, torch.arange(score.shape[1], device=device).expand(n, -1), score.new_full((n,), -1.0)
-    flat = flat.gather(1, pick)
-    loc, label = flat // classes, flat % classes
-    reg = torch.cat([d for d, _, _ in dists], dim=1)  # [N, sum H*W, 4]
+        top, loc, label = _top_by_level(logits, k, cfg, ranked)
+    if ranked:
+        beyond, top, loc, label = top[:, k], top[:, :k], loc[:, :k], label[:, :k]
+    else:
+        beyond = top.new_full((n,), -1.0)
+    reg = torch.cat([r.float().permute(0, 2, 3, 1).reshape(n, -1, 4) for r in bbox_preds], dim=1)  # [N, sum H*W, 4]
     dist = reg.gather(1, loc.unsqueeze(-1).expand(-1, -1, 4))
     points = all_points(sizes, strides, device)[loc]  # [N, K, 2]
     boxes = decode(points.reshape(-1, 2), dist.reshape(-1, 4), canvas_hw).reshape(n, -1, 4)
@@ -97,6 +93,43 @@ def select_candidates(cls_scores: list[torch.Tensor], bbox_preds: list[torch.Ten
     wh = boxes[..., 2:] - boxes[..., :2]
     valid = (top > cfg.score_thr) & (wh[..., 0] > cfg.min_bbox_size) & (wh[..., 1] > cfg.min_bbox_size)
     return Candidates(boxes, torch.where(valid, top, float("-inf")), label, valid_count, beyond, ranked)
+
+
+def _top_by_location(logits: torch.Tensor, take: int, score_thr: float) -> tuple[torch.Tensor, ...]:
+    """The `take` best (location, class) pairs of [N, P, C] logits, best first (select_candidates'
+    docstring says why among the best locations' classes): scores (-1 at or under score_thr),
+    locations, classes."""
+    n, points, classes = logits.shape
+    locs = logits.amax(dim=2).topk(min(take, points), dim=1).indices  # [N, L]
+    block = logits.gather(1, locs[..., None].expand(-1, -1, classes)).reshape(n, -1)  # [N, L * C]
+    best, pick = block.topk(take, dim=1)
+    score = best.float().sigmoid()
+    return torch.where(score > score_thr, score, -1.0), locs.gather(1, pick // classes), pick % classes
+
+
+def _top_by_level(logits: list[torch.Tensor], k: int, cfg: PostprocessConfig, ranked: bool) -> tuple[torch.Tensor, ...]:
+    """Each level's min(nms_pre, K+1) best pairs, then of those the K+1 best when `ranked` (else all,
+    in level order): scores (-1 at or under score_thr), locations, classes."""
+    n, classes = logits[0].shape[0], logits[0].shape[2]
+    device = logits[0].device
+    take = min(cfg.nms_pre, k + 1)
+    scores, flats = [], []
+    offset = 0  # index of the level's first point
+    for x in logits:
+        level = x.float().reshape(n, -1).sigmoid()  # [N, H*W*C], (loc, class) row-major
+        level = torch.where(level > cfg.score_thr, level, -1.0)
+        if level.shape[1] > take:
+            level, flat = level.topk(take, dim=1)
+        else:
+            flat = torch.arange(level.shape[1], device=device).expand(n, -1)
+        scores.append(level)
+        flats.append(flat + offset * classes)  # (point, class) index over all the levels
+        offset += x.shape[1]
+    score, flat = torch.cat(scores, dim=1), torch.cat(flats, dim=1)  # [N, T], level-major like the eager path
+    if ranked:
+        score, pick = score.topk(k + 1, dim=1)
+        flat = flat.gather(1, pick)
+    return score, flat // classes, flat % classes
 
 
 def finish_image(found: Candidates, i: int, ori_hw: tuple[int, int], cfg: PostprocessConfig,
