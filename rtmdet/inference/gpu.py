@@ -4,16 +4,21 @@
 camera's output) and returns its final boxes, scores and labels on the GPU. Per call:
 
 1. the photo is copied into a static buffer of its size;
-2. one CUDA graph replay (one graph per photo size, captured at its first photo): the letterbox
+2. one CUDA graph replay (graphs are captured per photo size, at its first photo): the letterbox
    (`letterbox_tensor`: OpenCV's bilinear resize keeping the aspect ratio, bit for bit, then pad 114
    bottom/right), normalization, the fast model (rtmdet.inference.fast: BatchNorm folded,
-   channels_last, fp32/fp16/bf16, optionally Inductor-compiled) and the fixed-shape candidate
-   selection (rtmdet.inference.postprocess_static steps 1-2) and class-aware greedy NMS of them
-   with fixed shapes (`nms_in_graph`);
+   channels_last, fp32/fp16/bf16, optionally Inductor-compiled), the fixed-shape selection of the
+   first K candidates (rtmdet.inference.postprocess_static steps 1-2; K = 8 x max_per_img, at
+   least 256) and their class-aware greedy NMS with fixed shapes (`nms_in_graph`);
 3. one read of the kept count (the one place where the host waits), then the kept rows. Should
-   the in-graph NMS not be exact for a photo (very long chains of suppression, or more
-   candidates than K that the K do not settle), torchvision's NMS or the eager post-process
-   gives that photo's answer instead.
+   those K not settle the photo (fewer than max_per_img kept while more candidates wait), a second
+   graph over the same head outputs selects and suppresses the eager path's K (4,096 by default)
+   instead; should the in-graph NMS still not be exact (very long chains of suppression, or more
+   candidates than that K that it does not settle), torchvision's NMS or the eager post-process
+   gives the photo's answer.
+
+The NMS's pairwise work grows as K squared (H200, tiny fp16: 0.31 ms for the selection and NMS at
+K = 4,096, 0.10 at 1,024), which is why the first graph looks at few candidates.
 
 The canvas equals `rtmdet.inference.preprocess.letterbox`'s byte for byte and the result is
 `postprocess_batch_static`'s (= the eager post-process's) on it, so in fp32 the detections are
@@ -24,14 +29,14 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from rtmdet.errors import DataError
 from rtmdet.inference.fast import FastForward, capture_graph
-from rtmdet.inference.postprocess import PostprocessConfig, postprocess_batch
+from rtmdet.inference.postprocess import PRESELECT, PostprocessConfig, postprocess_batch
 from rtmdet.inference.postprocess_static import Result, finish_image, nms_in_graph, select_candidates
 from rtmdet.inference.preprocess import PAD_VALUE, LetterboxInfo, rescale_size
 
@@ -98,39 +103,51 @@ class GpuPipeline:
     the CPU it runs the same steps without a graph.
 
     dtype: fp32, fp16 or bf16 weights and activations; compile: rtmdet.inference.fast's modes
-    (off, default, max-autotune). A graph is captured (and the model compiled, when asked) at the
-    first photo of each size, and kept with its buffers for the last `max_graphs` sizes: time it
+    (off, default, max-autotune). Graphs are captured (and the model compiled, when asked) at the
+    first photo of each size, and kept with their buffers for the last `max_graphs` sizes: time it
     from the second.
+    first_k: how many candidates the first graph's NMS looks at (default 8 x max_per_img, at least
+    256: the eager path's preselection without its 4,096 floor); the NMS's pairwise work grows as
+    its square, so a small first K is what makes the call fast.
+    When those do not settle the photo (fewer than max_per_img kept while more candidates wait),
+    a second graph over the same head outputs does it again with the eager path's preselection
+    (max(PRESELECT, 8 x max_per_img)), then the eager post-process if even that does not settle it.
     nms_passes: rounds of the in-graph greedy NMS (nms_in_graph) before its exactness check."""
 
     def __init__(self, model: "RTMDet", device: str | torch.device = "cuda", dtype: str = "fp16",
                  compile: str = "off", postprocess: PostprocessConfig = PostprocessConfig(), max_graphs: int = 8,
-                 nms_passes: int = 12):
+                 nms_passes: int = 12, first_k: int | None = None):
         if model.cfg.task != "detect":
             raise DataError(f"GpuPipeline runs box models (task detect), not {model.cfg.task}")
         self.device = torch.device(device)
         self.fast = FastForward(model, self.device, dtype, graphs=False, compile=compile)
-        # The selection and NMS are elementwise work over [K, K] pairs: compiled, it fuses into a few kernels.
-        self._post = self._select_and_nms if compile == "off" else torch.compile(self._select_and_nms, dynamic=False,
-                                                                                  fullgraph=True)
+        self.cfg = postprocess
+        full_k = max(PRESELECT, 8 * postprocess.max_per_img)
+        self.ks = (min(full_k, first_k or max(256, 8 * postprocess.max_per_img)), full_k)
+        # The selection and NMS are elementwise work over [K, K] pairs: compiled, it fuses into a
+        # few kernels. One compiled function per K, so that neither recompiles for the other.
+        self._posts = [self._post_fn(k, compile) for k in dict.fromkeys(self.ks)]
         self.strides = tuple(model.strides)
         self.size = model.cfg.image_size
-        self.cfg = postprocess
         self.max_graphs = max_graphs
         self.nms_passes = nms_passes
         self._graphs: OrderedDict[tuple[int, int], _Captured] = OrderedDict()
 
-    def _forward(self, photo: torch.Tensor, canvas: torch.Tensor, inv_scale: torch.Tensor,
-                 ori_hw: torch.Tensor) -> tuple:
+    def _post_fn(self, k: int, compile: str) -> Callable[..., tuple]:
+        def select_and_nms(cls_scores: list[torch.Tensor], bbox_preds: list[torch.Tensor], inv_scale: torch.Tensor,
+                           ori_hw: torch.Tensor) -> tuple:
+            found = select_candidates(cls_scores, bbox_preds, self.strides, (self.size, self.size), inv_scale,
+                                      self.cfg, k=k)
+            final = nms_in_graph(found, ori_hw, self.cfg, self.nms_passes)
+            return found, final, torch.stack([final.count[0], final.exact[0].long()])
+
+        return select_and_nms if compile == "off" else torch.compile(select_and_nms, dynamic=False, fullgraph=True)
+
+    def _first(self, photo: torch.Tensor, canvas: torch.Tensor, inv_scale: torch.Tensor, ori_hw: torch.Tensor) -> tuple:
+        """Letterbox, model, selection and NMS of the first K: (head outputs, (found, final, stats))."""
         letterbox_tensor(photo, self.size, out=canvas)
         cls_scores, bbox_preds = self.fast.forward(canvas)[:2]
-        return (cls_scores, bbox_preds, *self._post(cls_scores, bbox_preds, inv_scale, ori_hw))
-
-    def _select_and_nms(self, cls_scores: list[torch.Tensor], bbox_preds: list[torch.Tensor], inv_scale: torch.Tensor,
-                        ori_hw: torch.Tensor) -> tuple:
-        found = select_candidates(cls_scores, bbox_preds, self.strides, (self.size, self.size), inv_scale, self.cfg)
-        final = nms_in_graph(found, ori_hw, self.cfg, self.nms_passes)
-        return found, final, torch.stack([final.count[0], final.exact[0].long()])
+        return cls_scores, bbox_preds, self._posts[0](cls_scores, bbox_preds, inv_scale, ori_hw)
 
     @torch.inference_mode()
     def __call__(self, image: torch.Tensor) -> Result:
@@ -143,15 +160,22 @@ class GpuPipeline:
             run = self._prepare(h, w)
         else:
             self._graphs.move_to_end((h, w))
-        if run.graph is None:  # the CPU: the steps themselves
-            run.outputs = self._forward(image, run.canvas, run.inv_scale, run.ori_hw)
-        else:
+        if run.graphs:
             run.photo.copy_(image)
-            run.graph.replay()
-        cls_scores, bbox_preds, found, final, stats = run.outputs
-        count, exact = stats.tolist()  # the one wait for the GPU
-        if exact:  # copies: the next replay overwrites the graph's outputs
-            return final.boxes[0, :count].clone(), final.scores[0, :count].clone(), final.labels[0, :count].clone()
+            run.graphs[0].replay()
+        else:  # the CPU: the steps themselves
+            run.outputs[0] = self._first(image, run.canvas, run.inv_scale, run.ori_hw)
+        cls_scores, bbox_preds, (found, final, stats) = run.outputs[0]
+        for stage, post in enumerate(self._posts):
+            if stage:  # the first K did not settle the photo: the next stage's K, same head outputs
+                if run.graphs:
+                    run.graphs[stage].replay()
+                else:
+                    run.outputs[stage] = post(cls_scores, bbox_preds, run.inv_scale, run.ori_hw)
+                found, final, stats = run.outputs[stage]
+            count, exact = stats.tolist()  # the one wait for the GPU (per stage)
+            if exact:  # copies: the next replay overwrites the graph's outputs
+                return final.boxes[0, :count].clone(), final.scores[0, :count].clone(), final.labels[0, :count].clone()
 
         def eager_result() -> Result:
             return postprocess_batch([c.float() for c in cls_scores], [r.float() for r in bbox_preds], self.strides,
@@ -166,9 +190,17 @@ class GpuPipeline:
         sw, sh = info.scale_wh
         inv_scale = torch.tensor([[1 / sw, 1 / sh, 1 / sw, 1 / sh]], dtype=torch.float32, device=self.device)
         ori_hw = torch.tensor([[h, w]], dtype=torch.float32, device=self.device)
-        run = _Captured(photo, canvas, inv_scale, ori_hw, info)
+        run = _Captured(photo, canvas, inv_scale, ori_hw, info, outputs=[None] * len(self._posts))
         if self.device.type == "cuda":
-            run.graph, run.outputs = capture_graph(self._forward, photo, canvas, inv_scale, ori_hw)
+            graph, run.outputs[0] = capture_graph(self._first, photo, canvas, inv_scale, ori_hw)
+            run.graphs.append(graph)
+            cls_scores, bbox_preds = run.outputs[0][:2]
+            levels = len(cls_scores)
+            for stage, post in enumerate(self._posts[1:], start=1):  # over the first graph's head outputs
+                graph, run.outputs[stage] = capture_graph(
+                    lambda *t, post=post: post(list(t[:levels]), list(t[levels:-2]), t[-2], t[-1]),
+                    *cls_scores, *bbox_preds, inv_scale, ori_hw)
+                run.graphs.append(graph)
         self._graphs[(h, w)] = run
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
@@ -177,12 +209,12 @@ class GpuPipeline:
 
 @dataclass
 class _Captured:
-    """One photo size's static buffers and, on CUDA, its graph and the graph's outputs."""
+    """One photo size's static buffers and, on CUDA, its graphs (one per NMS stage) and their outputs."""
 
     photo: torch.Tensor
     canvas: torch.Tensor
     inv_scale: torch.Tensor
     ori_hw: torch.Tensor
     info: LetterboxInfo
-    graph: "torch.cuda.CUDAGraph | None" = None
-    outputs: Any = None
+    graphs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
