@@ -74,11 +74,14 @@ def select_candidates(cls_scores: list[torch.Tensor], bbox_preds: list[torch.Ten
     total = sum(min(cfg.nms_pre, classes * h * w) for h, w in sizes)
     k = min(total, k or max(eager.PRESELECT, 8 * cfg.max_per_img))
     logits = [c.permute(0, 2, 3, 1).reshape(n, -1, classes) for c in cls_scores]  # [N, H*W, C] per level
-    counts = [(x.float().sigmoid() > cfg.score_thr).sum(dim=(1, 2)).clamp(max=cfg.nms_pre) for x in logits]
+    # Scores as the eager path computes them (a level's sigmoid at once: the CPU's vectorized and
+    # scalar sigmoids can differ in the last bit, so not of a gathered few).
+    probs = [x.float().sigmoid() for x in logits]
+    counts = [(p > cfg.score_thr).sum(dim=(1, 2)).clamp(max=cfg.nms_pre) for p in probs]
     valid_count = torch.stack(counts).sum(dim=0)
     ranked = total > k  # as when every level kept its nms_pre best: more than K in all
     if ranked and cfg.nms_pre > k:
-        top, loc, label = _top_by_location(torch.cat(logits, dim=1), k + 1, cfg.score_thr)
+        top, loc, label = _top_by_location(torch.cat(logits, dim=1), torch.cat(probs, dim=1), k + 1, cfg.score_thr)
     else:
         top, loc, label = _top_by_level(logits, k, cfg, ranked)
     if ranked:
@@ -95,16 +98,17 @@ def select_candidates(cls_scores: list[torch.Tensor], bbox_preds: list[torch.Ten
     return Candidates(boxes, torch.where(valid, top, float("-inf")), label, valid_count, beyond, ranked)
 
 
-def _top_by_location(logits: torch.Tensor, take: int, score_thr: float) -> tuple[torch.Tensor, ...]:
+def _top_by_location(logits: torch.Tensor, probs: torch.Tensor, take: int, score_thr: float) -> tuple[torch.Tensor, ...]:
     """The `take` best (location, class) pairs of [N, P, C] logits, best first (select_candidates'
-    docstring says why among the best locations' classes): scores (-1 at or under score_thr),
-    locations, classes."""
+    docstring says why among the best locations' classes): their scores from `probs` (the logits'
+    sigmoid; -1 at or under score_thr), locations, classes."""
     n, points, classes = logits.shape
     locs = logits.amax(dim=2).topk(min(take, points), dim=1).indices  # [N, L]
     block = logits.gather(1, locs[..., None].expand(-1, -1, classes)).reshape(n, -1)  # [N, L * C]
-    best, pick = block.topk(take, dim=1)
-    score = best.float().sigmoid()
-    return torch.where(score > score_thr, score, -1.0), locs.gather(1, pick // classes), pick % classes
+    pick = block.topk(take, dim=1).indices
+    loc, label = locs.gather(1, pick // classes), pick % classes
+    score = probs.reshape(n, -1).gather(1, loc * classes + label)
+    return torch.where(score > score_thr, score, -1.0), loc, label
 
 
 def _top_by_level(logits: list[torch.Tensor], k: int, cfg: PostprocessConfig, ranked: bool) -> tuple[torch.Tensor, ...]:
