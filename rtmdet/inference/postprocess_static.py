@@ -83,7 +83,7 @@ def select_candidates(cls_scores: list[torch.Tensor], bbox_preds: list[torch.Ten
     if ranked and cfg.nms_pre > k:
         top, loc, label = _top_by_location(torch.cat(logits, dim=1), torch.cat(probs, dim=1), k + 1, cfg.score_thr)
     else:
-        top, loc, label = _top_by_level(logits, k, cfg, ranked)
+        top, loc, label = _top_by_level(probs, k, cfg, ranked)
     if ranked:
         beyond, top, loc, label = top[:, k], top[:, :k], loc[:, :k], label[:, :k]
     else:
@@ -111,24 +111,23 @@ def _top_by_location(logits: torch.Tensor, probs: torch.Tensor, take: int, score
     return torch.where(score > score_thr, score, -1.0), loc, label
 
 
-def _top_by_level(logits: list[torch.Tensor], k: int, cfg: PostprocessConfig, ranked: bool) -> tuple[torch.Tensor, ...]:
-    """Each level's min(nms_pre, K+1) best pairs, then of those the K+1 best when `ranked` (else all,
-    in level order): scores (-1 at or under score_thr), locations, classes."""
-    n, classes = logits[0].shape[0], logits[0].shape[2]
-    device = logits[0].device
+def _top_by_level(probs: list[torch.Tensor], k: int, cfg: PostprocessConfig, ranked: bool) -> tuple[torch.Tensor, ...]:
+    """Each level's min(nms_pre, K+1) best pairs of [N, H*W, C] scores, then of those the K+1 best
+    when `ranked` (else all, in level order): scores (-1 at or under score_thr), locations, classes."""
+    n, classes = probs[0].shape[0], probs[0].shape[2]
+    device = probs[0].device
     take = min(cfg.nms_pre, k + 1)
     scores, flats = [], []
     offset = 0  # index of the level's first point
-    for x in logits:
-        level = x.float().reshape(n, -1).sigmoid()  # [N, H*W*C], (loc, class) row-major
-        level = torch.where(level > cfg.score_thr, level, -1.0)
+    for p in probs:
+        level = torch.where(p > cfg.score_thr, p, -1.0).reshape(n, -1)  # [N, H*W*C], (loc, class) row-major
         if level.shape[1] > take:
             level, flat = level.topk(take, dim=1)
         else:
             flat = torch.arange(level.shape[1], device=device).expand(n, -1)
         scores.append(level)
         flats.append(flat + offset * classes)  # (point, class) index over all the levels
-        offset += x.shape[1]
+        offset += p.shape[1]
     score, flat = torch.cat(scores, dim=1), torch.cat(flats, dim=1)  # [N, T], level-major like the eager path
     if ranked:
         score, pick = score.topk(k + 1, dim=1)
