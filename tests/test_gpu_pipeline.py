@@ -127,6 +127,20 @@ def test_pipeline_second_nms_stage_answers_when_the_first_k_do_not_settle(refs, 
     assert np.abs(scores.numpy() - want.scores).max() <= 1e-4
 
 
+def test_pipeline_from_checkpoint(tmp_path):
+    from rtmdet.models import build_model
+    from rtmdet.errors import CheckpointError
+    from rtmdet.models.checkpoint import checkpoint_dict, save_atomic
+
+    save_atomic(checkpoint_dict(build_model("nano", 2, image_size=64), ["cat", "dog"]), tmp_path / "m.pt")
+    pipe = GpuPipeline.from_checkpoint(tmp_path / "m.pt", "cpu", "fp32", score_thr=0.2, max_per_img=10)
+    assert pipe.classes == ["cat", "dog"] and pipe.cfg == PostprocessConfig(score_thr=0.2, max_per_img=10)
+    boxes, scores, labels = pipe(torch.zeros(48, 80, 3, dtype=torch.uint8))
+    assert boxes.shape[1] == 4 and len(scores) == len(labels) <= 10 and bool((scores > 0.2).all())
+    with pytest.raises(CheckpointError, match="missing.pt"):
+        GpuPipeline.from_checkpoint(tmp_path / "missing.pt", "cpu")
+
+
 def test_pipeline_first_k_follows_max_per_img(parity_model):
     assert GpuPipeline(parity_model, "cpu", "fp32").ks == (2400, 4096)
     assert GpuPipeline(parity_model, "cpu", "fp32", postprocess=PostprocessConfig(max_per_img=100)).ks == (800, 4096)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -131,7 +132,20 @@ class GpuPipeline:
         self.size = model.cfg.image_size
         self.max_graphs = max_graphs
         self.nms_passes = nms_passes
+        self.classes = [f"class_{i}" for i in range(model.cfg.num_classes)]
         self._graphs: OrderedDict[tuple[int, int], _Captured] = OrderedDict()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cuda", dtype: str = "fp16",
+                        compile: str = "off", first_k: int | None = None, **postprocess) -> "GpuPipeline":
+        """A pipeline over a box model's checkpoint; postprocess: PostprocessConfig's fields
+        (score_thr, iou_thr, max_per_img, ...). The class names are `class_names_of` the checkpoint."""
+        from rtmdet.models.checkpoint import class_names_of, load_model
+
+        model, ckpt = load_model(path, "cpu")
+        pipeline = cls(model, device, dtype, compile, PostprocessConfig(**postprocess), first_k=first_k)
+        pipeline.classes = class_names_of(ckpt, model.cfg.num_classes)
+        return pipeline
 
     def _post_fn(self, k: int, compile: str) -> Callable[..., tuple]:
         def select_and_nms(cls_scores: list[torch.Tensor], bbox_preds: list[torch.Tensor], inv_scale: torch.Tensor,
