@@ -109,23 +109,20 @@ def _compile(wrapper, example, package_path: str) -> None:
 
 
 def check_aoti(model: "RTMDet", package_path: str | Path, device: str = "cpu", rtol: float = 2e-3) -> dict[str, float]:
-    """Run the package on fixed canvases against torch; raise if an output differs by more than
-    rtol of its largest magnitude (Inductor's fused kernels round float32 differently from eager,
-    ~1e-6 of the range; a wrong graph is off by whole units)."""
+    """Run the package on fixed canvases against torch, in a process of its own (aoti_probe); raise
+    if an output differs by more than rtol of its largest magnitude (Inductor's fused kernels round
+    float32 differently from eager, ~1e-6 of the range; a wrong graph is off by whole units)."""
     import numpy as np
-    import torch
 
-    from rtmdet.inference.backends import load_aoti_package
+    from rtmdet.export.aoti_probe import run_probe
 
-    runner = load_aoti_package(package_path, device)
     names = all_output_names(model)
     images = fixed_inputs(model.cfg.image_size, batch=2)
     ref = torch_reference(model, images)
     diffs: dict[str, float] = {name: 0.0 for name in names}
-    for i in range(len(images)):
-        outs = runner(torch.from_numpy(images[i : i + 1]).float().to(device))
+    for i, outs in enumerate(run_probe(package_path, device, images)):
         for name, out in zip(names, outs):
-            diffs[name] = max(diffs[name], float(np.abs(out.cpu().numpy() - ref[name][i : i + 1]).max()))
+            diffs[name] = max(diffs[name], float(np.abs(out - ref[name][i : i + 1]).max()))
     for name, diff in diffs.items():
         limit = rtol * max(1.0, float(np.abs(ref[name]).max()))
         if diff > limit:
