@@ -128,8 +128,8 @@ def test_pipeline_second_nms_stage_answers_when_the_first_k_do_not_settle(refs, 
 
 
 def test_pipeline_from_checkpoint(tmp_path):
-    from rtmdet.models import build_model
     from rtmdet.errors import CheckpointError
+    from rtmdet.models import build_model
     from rtmdet.models.checkpoint import checkpoint_dict, save_atomic
 
     save_atomic(checkpoint_dict(build_model("nano", 2, image_size=64), ["cat", "dog"]), tmp_path / "m.pt")
@@ -228,3 +228,18 @@ def test_ties_at_the_cut_of_k_settle_without_the_full_nms(monkeypatch):
     monkeypatch.setattr(postprocess_static.eager, "postprocess_batch", None)  # finish_image must not need it
     for got, want in zip(postprocess_static.postprocess_batch_static(*args), full):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.gpu
+def test_gpu_second_graph_answers_when_the_first_k_do_not_settle(refs, facemask, parity_model, strict_fp32):
+    e2e = torch.load(refs / "parity_tiny_e2e.pt", weights_only=True)
+    image = cv2.imread(str(facemask / "valid" / e2e["image_file"]))
+    want = Detector.from_checkpoint(refs / "parity_tiny.pt", image_size=640, fast=False)(image)
+    pipe = GpuPipeline(parity_model, "cuda", "fp32", first_k=64)
+    for _ in range(2):  # the capture, then a replay
+        boxes, scores, labels = pipe(torch.from_numpy(image).cuda())
+    run = next(iter(pipe._graphs.values()))
+    assert not bool(run.outputs[0][2][2][1]) and bool(run.outputs[1][2][1])  # the second graph was exact
+    assert len(scores) == len(want) == 300 and np.array_equal(labels.cpu().numpy(), want.labels)
+    assert np.abs(boxes.cpu().numpy() - want.boxes).max() <= 1e-2
+    assert np.abs(scores.cpu().numpy() - want.scores).max() <= 1e-4
