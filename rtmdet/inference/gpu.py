@@ -37,7 +37,7 @@ import torch
 
 from rtmdet.errors import DataError
 from rtmdet.inference.fast import FastForward, capture_graph
-from rtmdet.inference.postprocess import PRESELECT, PostprocessConfig, postprocess_batch
+from rtmdet.inference.postprocess import PostprocessConfig, postprocess_batch, preselection
 from rtmdet.inference.postprocess_static import Result, finish_image, nms_in_graph, select_candidates
 from rtmdet.inference.preprocess import PAD_VALUE, LetterboxInfo, rescale_size
 
@@ -123,7 +123,7 @@ class GpuPipeline:
         self.device = torch.device(device)
         self.fast = FastForward(model, self.device, dtype, graphs=False, compile=compile)
         self.cfg = postprocess
-        full_k = max(PRESELECT, 8 * postprocess.max_per_img)
+        full_k = preselection(postprocess)
         self.ks = (min(full_k, first_k or max(256, 8 * postprocess.max_per_img)), full_k)
         # The selection and NMS are elementwise work over [K, K] pairs: compiled, it fuses into a
         # few kernels. One compiled function per K, so that neither recompiles for the other.

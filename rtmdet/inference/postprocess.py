@@ -27,6 +27,11 @@ class PostprocessConfig:
     min_bbox_size: float = 0.0
 
 
+def preselection(cfg: PostprocessConfig) -> int:
+    """How many of an image's best candidates NMS looks at first (see _nms)."""
+    return max(PRESELECT, 8 * cfg.max_per_img)
+
+
 def level_points(h: int, w: int, stride: int, device: torch.device) -> torch.Tensor:
     """Prior points of one level, row-major: cell (i, j) -> (j * stride, i * stride), offset 0."""
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
@@ -103,7 +108,7 @@ def _nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cfg: P
     out come after it in the full NMS); else the full NMS runs. An untrained model at 640 px has
     ~25,000 candidates per image over score_thr 0.001, and NMS's pairwise mask grows with their
     square (78 MB per image, copied to the host): m of them cost a fraction."""
-    m = max(PRESELECT, 8 * cfg.max_per_img)
+    m = preselection(cfg)
     if scores.numel() > m:
         top, idx = scores.topk(m + 1)
         idx = idx[:m]

@@ -72,7 +72,7 @@ def select_candidates(cls_scores: list[torch.Tensor], bbox_preds: list[torch.Ten
     # K from the shapes: each level gives its nms_pre best; of all those, the K best go on. A level
     # then needs only its K+1 best (the K+1-th tells whether K settle it): the same K and K+1-th.
     total = sum(min(cfg.nms_pre, classes * h * w) for h, w in sizes)
-    k = min(total, k or max(eager.PRESELECT, 8 * cfg.max_per_img))
+    k = min(total, k or eager.preselection(cfg))
     logits = [c.permute(0, 2, 3, 1).reshape(n, -1, classes) for c in cls_scores]  # [N, H*W, C] per level
     # Scores as the eager path computes them (a level's sigmoid at once: the CPU's vectorized and
     # scalar sigmoids can differ in the last bit, so not of a gathered few).
