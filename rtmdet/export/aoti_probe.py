@@ -47,8 +47,8 @@ def run_probe(package: str | Path, device: str, images: np.ndarray, timeout_s: f
             lines = [line for line in proc.stderr.splitlines() if line.strip()]
             raise ExportError(f"{package}: the AOTInductor package did not run: {lines[-1] if lines else 'no message'}")
         with np.load(outputs) as saved:
-            return [[saved[f"out_{i}_{j}"] for j in range(sum(1 for k in saved.files if k.startswith(f"out_{i}_")))]
-                    for i in range(len(images))]
+            per_image = len(saved.files) // len(images)  # every image has the package's outputs
+            return [[saved[f"out_{i}_{j}"] for j in range(per_image)] for i in range(len(images))]
 
 
 def main(argv: list[str]) -> int:
