@@ -29,10 +29,13 @@ def _same(got, want):
             assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+# 136 px: level maps of 17x17, 8x8 and 4x4 locations x 5 classes, whose rows end in the CPU sigmoid
+# kernel's scalar tail on some vector widths and not on others (its results can differ in the last bit).
+@pytest.mark.parametrize("size", [128, 136])
 @pytest.mark.parametrize("cfg", list(CASES.values()), ids=list(CASES))
-def test_static_equals_eager(cfg):
-    cls, reg = _maps(3, 5, 128, seed=0)
-    args = (cls, reg, STRIDES, (128, 128), SCALE, ORI, cfg)
+def test_static_equals_eager(cfg, size):
+    cls, reg = _maps(3, 5, size, seed=0)
+    args = (cls, reg, STRIDES, (size, size), SCALE, ORI, cfg)
     want = postprocess_batch(*args)
     _same(postprocess_batch_static(*args), want)
     if cfg.score_thr < 0.9:

@@ -118,12 +118,20 @@ def _nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cfg: P
     return batched_nms(boxes, scores, labels, cfg.iou_thr)[: cfg.max_per_img]
 
 
+def level_scores(cls: torch.Tensor) -> torch.Tensor:
+    """One level's [N, C, H, W] logits -> scores [N, H*W*C], (location, class) row-major. Every
+    post-process takes its scores from here: the sigmoid of a contiguous copy, so that the same
+    elements fall in the CPU kernel's vectorized body and scalar tail (their results can differ in
+    the last bit) whichever path computes them."""
+    return cls.float().permute(0, 2, 3, 1).reshape(cls.shape[0], -1).sigmoid()
+
+
 def _level_candidates(cls: torch.Tensor, reg: torch.Tensor, stride: int, canvas_hw: tuple[int, int],
                       cfg: PostprocessConfig) -> tuple[torch.Tensor, ...]:
     """(image index, decoded box, score, label) of every (location, class) over score_thr in one
     level of every image, at most nms_pre per image: mmdetection's multi-label filter."""
     n, c, h, w = cls.shape
-    scores = cls.float().permute(0, 2, 3, 1).reshape(n, -1).sigmoid()  # [N, H*W*C], (loc, class) row-major
+    scores = level_scores(cls)
     dist = reg.float().permute(0, 2, 3, 1).reshape(n, -1, 4)
     keep = scores > cfg.score_thr  # strict, multi-label: a location may give several classes
     if scores.shape[1] > cfg.nms_pre:  # the nms_pre best of those over the threshold

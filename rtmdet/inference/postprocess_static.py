@@ -74,9 +74,9 @@ def select_candidates(cls_scores: list[torch.Tensor], bbox_preds: list[torch.Ten
     total = sum(min(cfg.nms_pre, classes * h * w) for h, w in sizes)
     k = min(total, k or eager.preselection(cfg))
     logits = [c.permute(0, 2, 3, 1).reshape(n, -1, classes) for c in cls_scores]  # [N, H*W, C] per level
-    # Scores as the eager path computes them (a level's sigmoid at once: the CPU's vectorized and
-    # scalar sigmoids can differ in the last bit, so not of a gathered few).
-    probs = [x.float().sigmoid() for x in logits]
+    # Scores as the eager path computes them (level_scores: the CPU's vectorized and scalar sigmoids
+    # can differ in the last bit, so neither of a gathered few nor of a strided view).
+    probs = [eager.level_scores(c).view(n, -1, classes) for c in cls_scores]
     counts = [(p > cfg.score_thr).sum(dim=(1, 2)).clamp(max=cfg.nms_pre) for p in probs]
     valid_count = torch.stack(counts).sum(dim=0)
     ranked = total > k  # as when every level kept its nms_pre best: more than K in all
