@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -112,6 +114,15 @@ def aoti_runner(model, dtype: str, x: torch.Tensor):
     with torch.no_grad():
         program = torch.export.export(module, (x,), strict=False)
         aoti_compile_and_package(program, package_path=path)
+    # Loaded in a child first: a package whose loading crashes (torch 2.11 on the H200 machine)
+    # fails this row with one line instead of ending the benchmark.
+    child = subprocess.run([sys.executable, "-c", "import sys; from torch._inductor import aoti_load_package; "
+                            "aoti_load_package(sys.argv[1])", path], capture_output=True, text=True)
+    if child.returncode < 0:
+        raise RuntimeError(f"torch's AOTInductor runtime crashed ({signal.Signals(-child.returncode).name}) "
+                           "loading the package")
+    if child.returncode:
+        raise RuntimeError(f"the AOTInductor package did not load: {(child.stderr.strip().splitlines() or ['?'])[-1]}")
     return aoti_load_package(path)
 
 

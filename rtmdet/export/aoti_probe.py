@@ -6,8 +6,8 @@ process that compiled the package.
 INPUTS: float32 or uint8 [N, 3, S, S] canvases; OUTPUTS gets the package's outputs for image i as
 `out_{i}_{j}` (j: the output's position). A package that cannot load is one line on stderr and
 exit status 2. Why a process of its own: a crash in torch's loader or in the compiled code (on an
-H200 with torch 2.11, loading a CUDA package in the process that had just compiled it ended in a
-segmentation fault) then fails the export with a clear line instead of killing it (run_probe).
+H200 machine with torch 2.11, loading any package, CPU or CUDA, ends in a segmentation fault inside
+the generated wrapper's std::regex) then fails the export with a clear line instead of killing it.
 """
 
 from __future__ import annotations
