@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
-from rtmdet.inference.postprocess import PostprocessConfig, decode, level_points
+from rtmdet.inference.postprocess import PostprocessConfig, decode, level_points, level_scores
 from rtmdet.models.head_ins import dynamic_mask_logits
 
 
@@ -91,7 +91,7 @@ def _level_candidates(cls: torch.Tensor, reg: torch.Tensor, kernel: torch.Tensor
     """Every (location, class) over score_thr in one level, the nms_pre best, with its decoded box,
     kernel and prior (x, y, stride, stride)."""
     c, h, w = cls.shape
-    scores = cls.float().permute(1, 2, 0).reshape(-1).sigmoid()
+    scores = level_scores(cls[None])[0]  # [H*W*C], (location, class) row-major
     keep = (scores > cfg.score_thr).nonzero(as_tuple=True)[0]
     top, order = scores[keep].sort(descending=True)  # mmdetection sorts, then keeps nms_pre
     top, keep = top[: cfg.nms_pre], keep[order[: cfg.nms_pre]]
