@@ -279,6 +279,46 @@ def test_export_refusals_are_one_clear_line(weights, tmp_path, capsys):
         assert code != 0 and _one_line(err, re.escape(says)), (args, err)
 
 
+def _crashing_compiler(folder: Path) -> Path:
+    """A g++ whose packages crash as they load: it links an object that raises SIGSEGV in its
+    constructor into the package's wrapper library (torch's runtime dlopens it)."""
+    source = folder / "boom.c"
+    source.write_text("#include <signal.h>\n__attribute__((constructor)) static void boom(void) { raise(SIGSEGV); }\n")
+    subprocess.run(["gcc", "-fPIC", "-c", str(source), "-o", str(folder / "boom.o")], check=True)
+    script = folder / "crashing-g++"
+    script.write_text("#!/bin/sh\n"
+                      f'for a in "$@"; do case "$a" in *wrapper.so) exec g++ "$@" {folder / "boom.o"} ;; esac; done\n'
+                      'exec g++ "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("g++") is None, reason="needs gcc and g++")
+def test_export_builds_again_when_the_package_crashes_as_it_loads(weights, tmp_path, monkeypatch, caplog):
+    """$CXX's packages crash in torch's loader (as on a machine whose CXX does not fit its
+    libstdc++): the export builds the package again with the next compiler and says so; with no
+    other compiler it fails with one line and writes nothing."""
+    import logging
+
+    import rtmdet.export.aoti as aoti
+    from rtmdet.export import ExportError
+    from rtmdet.models.checkpoint import load_model
+
+    bad = _crashing_compiler(tmp_path)
+    monkeypatch.setenv("CXX", str(bad))
+    model, _ = load_model(weights)
+    assert aoti.compilers()[0] == str(bad) and len(aoti.compilers()) > 1
+    with caplog.at_level(logging.WARNING, logger="rtmdet.export.aoti"):
+        result = aoti.export_aoti(model, tmp_path / "ok" / "m.pt2")
+    assert any("crashed as it loaded" in r.getMessage() and str(bad) in r.getMessage() for r in caplog.records)
+    assert result.path.is_file() and max(result.max_diff.values()) < 1e-3
+
+    monkeypatch.setattr(aoti, "compilers", lambda: [str(bad)])
+    with pytest.raises(ExportError, match=f"crashed loading the package for cpu built with each C\\+\\+ compiler found here \\({re.escape(str(bad))}\\)"):
+        aoti.export_aoti(model, tmp_path / "bad" / "m.pt2")
+    assert not any((tmp_path / "bad").iterdir())
+
+
 # ---------------------------------------------------------------- C++: rtmdet_run
 
 

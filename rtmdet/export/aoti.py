@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from rtmdet.errors import first_line
 from rtmdet.export import ExportError
+from rtmdet.export.aoti_probe import AotiCrash
 from rtmdet.export.onnx import _check_size, _wrapper, all_output_names, base_meta, fixed_inputs, torch_reference
 from rtmdet.export.sidecar import ExportMeta, write_meta
 
@@ -36,6 +38,10 @@ DEVICES = ("cpu", "cuda")
 # The CPU kernels' thread count follows the runtime (OMP_NUM_THREADS, at::set_num_threads) instead
 # of the exporting machine's core count, which Inductor bakes in by default.
 INDUCTOR = {"cpp.dynamic_threads": True}
+# The check's tolerance, relative to each output's largest magnitude. On CUDA, cuDNN runs the
+# convolutions in TF32 (torch's default for convolutions, and the runtime's) against a float32
+# reference on the CPU: ~3e-3 of the logits' range on RTMDet-tiny; a wrong graph is off by whole units.
+RTOL = {"cpu": 2e-3, "cuda": 1e-2}
 
 
 @dataclass
@@ -70,8 +76,7 @@ def export_aoti(model: "RTMDet", path: str | Path, *, classes: list[str] | None 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pt2", dir=path.parent)
     os.close(fd)
     try:
-        _compile(wrapper, example, tmp)
-        diffs = check_aoti(model, tmp, device)
+        diffs = _build_and_check(model, wrapper, example, tmp, device)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -80,6 +85,30 @@ def export_aoti(model: "RTMDet", path: str | Path, *, classes: list[str] | None 
     write_meta(path, meta)
     log.info("wrote %s (%.1f KB, %s)", path, path.stat().st_size / 1024, device)
     return AotiExport(path, meta, diffs)
+
+
+def _build_and_check(model: "RTMDet", wrapper, example, package_path: str, device: str) -> dict[str, float]:
+    """Compile the package and check it against torch; where torch's runtime crashes loading it,
+    build it again with the next C++ compiler found here (compilers()), warning which one worked.
+
+    Why: a package's wrapper is C++ built against the machine's libstdc++ headers and linked into
+    the process that loads it; with a compiler that does not fit, loading it crashes. Seen on an
+    H200 machine with torch 2.11: CXX=/opt/gcc/bin/g++ (a script running another build of
+    g++ 13.3 with its own -B and -isystem paths) gave packages that crash in std::regex as they load,
+    CPU and CUDA alike; the system /usr/bin/g++ gave packages that load and run."""
+    tried: list[str] = []
+    for cxx in compilers() or [None]:
+        if tried:
+            log.warning("AOTInductor: the package built with %s crashed as it loaded; building it again with %s",
+                        tried[-1], cxx)
+        _compile(wrapper, example, package_path, cxx)
+        try:
+            return check_aoti(model, package_path, device, rtol=RTOL[device])
+        except AotiCrash:
+            tried.append(cxx or "Inductor's default compiler")
+    raise ExportError(f"torch's AOTInductor runtime crashed loading the package for {device} built with each "
+                      f"C++ compiler found here ({', '.join(tried)}); set CXX to one that builds against this "
+                      "machine's libstdc++")
 
 
 def aoti_meta(model: "RTMDet", classes: list[str] | None, category_ids: list[int] | None,
@@ -95,15 +124,33 @@ def aoti_meta(model: "RTMDet", classes: list[str] | None, category_ids: list[int
     return meta
 
 
-def _compile(wrapper, example, package_path: str) -> None:
-    """torch.export the wrapper at its one static shape, then AOTInductor-compile and package it."""
+def compilers() -> list[str]:
+    """The C++ compilers to build a package with, in the order tried: Inductor's own choice ($CXX,
+    else g++), then the other distinct ones found here (g++, c++, clang++, /usr/bin/g++)."""
+    found: dict[str, str] = {}
+    wanted = os.environ.get("CXX") or "g++"
+    if shutil.which(wanted) is None:
+        log.warning("AOTInductor: the C++ compiler %s (CXX) is not found; trying the others here", wanted)
+    for name in (wanted, "g++", "c++", "clang++", "/usr/bin/g++"):
+        path = shutil.which(name)
+        if path is not None:
+            found.setdefault(os.path.realpath(path), path)
+    return list(found.values())
+
+
+def _compile(wrapper, example, package_path: str, cxx: str | None = None) -> None:
+    """torch.export the wrapper at its one static shape, then AOTInductor-compile and package it
+    (with C++ compiler `cxx`; None: Inductor's choice)."""
     import torch
     from torch._inductor import aoti_compile_and_package
 
+    configs = dict(INDUCTOR)
+    if cxx is not None:
+        configs["cpp.cxx"] = (cxx,)
     try:
         with torch.no_grad():
             program = torch.export.export(wrapper, (example,), strict=False)
-            aoti_compile_and_package(program, package_path=package_path, inductor_configs=INDUCTOR)
+            aoti_compile_and_package(program, package_path=package_path, inductor_configs=configs)
     except Exception as exc:  # torch.export and Inductor raise many unrelated types (and C++ compiler errors)
         raise ExportError(f"AOTInductor could not compile the model: {first_line(exc)}") from None
 

@@ -6,8 +6,10 @@ process that compiled the package.
 INPUTS: float32 or uint8 [N, 3, S, S] canvases; OUTPUTS gets the package's outputs for image i as
 `out_{i}_{j}` (j: the output's position). A package that cannot load is one line on stderr and
 exit status 2. Why a process of its own: a crash in torch's loader or in the compiled code (on an
-H200 machine with torch 2.11, loading any package, CPU or CUDA, ends in a segmentation fault inside
-the generated wrapper's std::regex) then fails the export with a clear line instead of killing it.
+H200 machine with torch 2.11, every package built with its CXX, /opt/gcc/bin/g++, died of a
+segmentation fault inside the generated wrapper's std::regex as it loaded) is then an AotiCrash,
+which the export answers by building with another compiler (rtmdet.export.aoti), instead of
+killing the export.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ from pathlib import Path
 import numpy as np
 
 from rtmdet.errors import first_line
+from rtmdet.export import ExportError
+
+
+class AotiCrash(ExportError):
+    """torch's AOTInductor runtime died (a signal) loading or running the package."""
 
 
 def run_probe(package: str | Path, device: str, images: np.ndarray, timeout_s: float = 600) -> list[list[np.ndarray]]:
     """Per image, the package's outputs, computed by `python -m rtmdet.export.aoti_probe`; a
-    one-line ExportError when that process fails or dies."""
-    from rtmdet.export import ExportError
-
+    one-line ExportError when that process fails, AotiCrash when it dies of a signal."""
     root = str(Path(__file__).resolve().parents[2])  # the rtmdet package's parent, for the child's imports
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     with tempfile.TemporaryDirectory(prefix="rtmdet-aoti-probe-") as tmp:
@@ -41,7 +46,7 @@ def run_probe(package: str | Path, device: str, images: np.ndarray, timeout_s: f
             raise ExportError(f"{package}: running the AOTInductor package took over {timeout_s:.0f} s") from None
         if proc.returncode < 0:
             name = signal.Signals(-proc.returncode).name
-            raise ExportError(f"{package}: torch's AOTInductor runtime crashed ({name}) loading or running the "
+            raise AotiCrash(f"{package}: torch's AOTInductor runtime crashed ({name}) loading or running the "
                               f"package compiled for {device}")
         if proc.returncode:
             lines = [line for line in proc.stderr.splitlines() if line.strip()]
