@@ -295,8 +295,8 @@ def _crashing_compiler(folder: Path) -> Path:
 
 @pytest.mark.skipif(shutil.which("gcc") is None or shutil.which("g++") is None, reason="needs gcc and g++")
 def test_export_builds_again_when_the_package_crashes_as_it_loads(weights, tmp_path, monkeypatch, caplog):
-    """$CXX's packages crash in torch's loader (as on a machine whose CXX does not fit its
-    libstdc++): the export builds the package again with the next compiler and says so; with no
+    """$CXX's packages crash in torch's loader (as /opt/gcc/bin/g++'s did on the H200 machine):
+    the export builds the package again with the next compiler and says so; with no
     other compiler it fails with one line and writes nothing."""
     import logging
 

@@ -91,11 +91,11 @@ def _build_and_check(model: "RTMDet", wrapper, example, package_path: str, devic
     """Compile the package and check it against torch; where torch's runtime crashes loading it,
     build it again with the next C++ compiler found here (compilers()), warning which one worked.
 
-    Why: a package's wrapper is C++ built against the machine's libstdc++ headers and linked into
-    the process that loads it; with a compiler that does not fit, loading it crashes. Seen on an
-    H200 machine with torch 2.11: CXX=/opt/gcc/bin/g++ (a script running another build of
-    g++ 13.3 with its own -B and -isystem paths) gave packages that crash in std::regex as they load,
-    CPU and CUDA alike; the system /usr/bin/g++ gave packages that load and run."""
+    Why: the package's wrapper is C++ that torch's runtime dlopens into its own process, so the
+    compiler that built it matters. Seen on an H200 machine with torch 2.11: every package built
+    with its CXX=/opt/gcc/bin/g++ (a script running another build of g++ 13.3 with its own -B and
+    -isystem paths) crashed in std::regex as it loaded, CPU and CUDA alike; the same CUDA packages
+    built with /usr/bin/g++ load and run. Why that compiler's packages crash is not known."""
     tried: list[str] = []
     for cxx in compilers() or [None]:
         if tried:
@@ -107,8 +107,7 @@ def _build_and_check(model: "RTMDet", wrapper, example, package_path: str, devic
         except AotiCrash:
             tried.append(cxx or "Inductor's default compiler")
     raise ExportError(f"torch's AOTInductor runtime crashed loading the package for {device} built with each "
-                      f"C++ compiler found here ({', '.join(tried)}); set CXX to one that builds against this "
-                      "machine's libstdc++")
+                      f"C++ compiler found here ({', '.join(tried)}); set CXX to another C++ compiler")
 
 
 def aoti_meta(model: "RTMDet", classes: list[str] | None, category_ids: list[int] | None,
