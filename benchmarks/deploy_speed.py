@@ -105,7 +105,8 @@ def aoti_runner(model, dtype: str, x: torch.Tensor):
 
     from torch._inductor import aoti_compile_and_package, aoti_load_package
 
-    from rtmdet.export.aoti import compilers
+    from rtmdet.export.aoti import build_loadable
+    from rtmdet.export.aoti_probe import AotiCrash
     from rtmdet.inference.fast import DTYPES
     from rtmdet.models.fuse import fuse_conv_bn
 
@@ -114,26 +115,25 @@ def aoti_runner(model, dtype: str, x: torch.Tensor):
     path = tempfile.mkdtemp() + "/m.pt2"
     with torch.no_grad():
         program = torch.export.export(module, (x,), strict=False)
-    # Loaded in a child first: a package whose loading crashes (every package built with the H200
-    # machine's CXX, /opt/gcc/bin/g++, under torch 2.11) is built again with the next compiler, as
-    # rtmdet's export does; a crash with every one fails this row with one line.
-    crashed = []
-    for cxx in compilers():
+    # Loaded in a child first (rtmdet's export check, with its compiler fallback): a package whose
+    # loading crashes (every package built with the H200 machine's CXX, /opt/gcc/bin/g++, under
+    # torch 2.11) is built again with the next compiler; a crash with every one fails this row.
+
+    def build(cxx):
         with torch.no_grad():
-            aoti_compile_and_package(program, package_path=path, inductor_configs={"cpp.cxx": (cxx,)})
+            aoti_compile_and_package(program, package_path=path, inductor_configs={"cpp.cxx": (cxx,)} if cxx else {})
+
+    def loads():
         child = subprocess.run([sys.executable, "-c", "import sys; from torch._inductor import aoti_load_package; "
                                 "aoti_load_package(sys.argv[1])", path], capture_output=True, text=True)
         if child.returncode < 0:
-            crashed.append(f"{cxx} ({signal.Signals(-child.returncode).name})")
-            continue
+            raise AotiCrash(f"torch's AOTInductor runtime crashed ({signal.Signals(-child.returncode).name}) "
+                            "loading the package")
         if child.returncode:
             raise RuntimeError(f"the AOTInductor package did not load: {(child.stderr.strip().splitlines() or ['?'])[-1]}")
-        if crashed:
-            print(f"# aoti-{dtype}: built with {cxx}; torch's runtime crashed loading the package of "
-                  f"{', '.join(crashed)}", flush=True)
-        return aoti_load_package(path)
-    raise RuntimeError(f"torch's AOTInductor runtime crashed loading the package built with each compiler: "
-                       f"{', '.join(crashed)}")
+
+    build_loadable(build, loads, "cuda")
+    return aoti_load_package(path)
 
 
 # (score_thr, max_per_img): mmdetection's test_cfg (what `evaluate` uses) and MMDeploy's deployed

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from rtmdet.errors import first_line
 from rtmdet.export import ExportError
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from rtmdet.models.detector import RTMDet
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEVICES = ("cpu", "cuda")
 # The CPU kernels' thread count follows the runtime (OMP_NUM_THREADS, at::set_num_threads) instead
@@ -88,8 +89,15 @@ def export_aoti(model: "RTMDet", path: str | Path, *, classes: list[str] | None 
 
 
 def _build_and_check(model: "RTMDet", wrapper, example, package_path: str, device: str) -> dict[str, float]:
-    """Compile the package and check it against torch; where torch's runtime crashes loading it,
-    build it again with the next C++ compiler found here (compilers()), warning which one worked.
+    """Compile the package and check it against torch (build_loadable)."""
+    return build_loadable(lambda cxx: _compile(wrapper, example, package_path, cxx),
+                          lambda: check_aoti(model, package_path, device, rtol=RTOL[device]), device)
+
+
+def build_loadable(build: Callable[[str | None], None], check: Callable[[], T], device: str) -> T:
+    """build(cxx) a package, then check() it in a process of its own; where torch's runtime crashes
+    loading it (AotiCrash), build it again with the next C++ compiler found here (compilers()),
+    warning which one crashed.
 
     Why: the package's wrapper is C++ that torch's runtime dlopens into its own process, so the
     compiler that built it matters. Seen on an H200 machine with torch 2.11: every package built
@@ -101,9 +109,9 @@ def _build_and_check(model: "RTMDet", wrapper, example, package_path: str, devic
         if tried:
             log.warning("AOTInductor: the package built with %s crashed as it loaded; building it again with %s",
                         tried[-1], cxx)
-        _compile(wrapper, example, package_path, cxx)
+        build(cxx)
         try:
-            return check_aoti(model, package_path, device, rtol=RTOL[device])
+            return check()
         except AotiCrash:
             tried.append(cxx or "Inductor's default compiler")
     raise ExportError(f"torch's AOTInductor runtime crashed loading the package for {device} built with each "
