@@ -362,10 +362,43 @@ def test_cpp_bad_input_is_one_clear_line(runner, package, photos, tmp_path, mode
 
 
 def test_cpp_rejects_another_formats_sidecar_and_bad_flags(runner, package, photos, tmp_path):
-    sidecar = tmp_path / "onnx.json"
-    sidecar.write_text(package.with_suffix(".json").read_text().replace('"format": "aoti"', '"format": "onnx"'))
-    for flags, says in ((("--sidecar", str(sidecar)), "the sidecar of a onnx export"),
-                        (("--score-thr", "high"), "expected a non-negative number"),
-                        (("--frobnicate",), "unknown option")):
+    text = package.with_suffix(".json").read_text()
+    sidecars = {}
+    for name, old, new in (("onnx", '"format": "aoti"', '"format": "onnx"'), ("tpu", '"device": "cpu"', '"device": "tpu"'),
+                           ("cuda", '"device": "cpu"', '"device": "cuda"')):
+        sidecars[name] = tmp_path / f"{name}.json"
+        sidecars[name].write_text(text.replace(old, new))
+    cases = [(("--sidecar", str(sidecars["onnx"])), "the sidecar of a onnx export"),
+             (("--sidecar", str(sidecars["tpu"])), "a package compiled for tpu; rtmdet_run runs cpu and cuda packages"),
+             (("--score-thr", "high"), "expected a non-negative number"),
+             (("--repeat", "2.5"), "expected a non-negative integer"),
+             (("--frobnicate",), "unknown option")]
+    if not torch.cuda.is_available():
+        cases.append((("--sidecar", str(sidecars["cuda"])), "a package compiled for cuda, and libtorch here sees no CUDA GPU"))
+    for flags, says in cases:
         proc = _run_cpp(runner, package, photos[0], *flags)
         assert proc.returncode != 0 and _one_line(proc.stderr, re.escape(says)), (flags, proc.stderr)
+
+
+def test_cpp_time_repeat_reports_the_median_of_the_calls_after_the_first(runner, package, photos):
+    proc = _run_cpp(runner, package, photos[0], "--time", "--repeat", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"time: load [\d.]+ ms, letterbox [\d.]+ ms, model [\d.]+ ms, postprocess [\d.]+ ms; "
+                        r"model again: median [\d.]+ ms of 3\n", proc.stderr), proc.stderr
+
+
+@pytest.mark.gpu
+def test_cpp_runs_a_cuda_package_as_python_does(runner, weights, photos, workdir):
+    """A package compiled for cuda: rtmdet_run's detections are Detector's over the same package
+    (the same GPU kernels on both sides: cuDNN's TF32 convolutions make either differ from the
+    float32 CPU model by more than this test's tolerances)."""
+    from rtmdet.export.command import export_checkpoint
+    from rtmdet.inference import Detector
+
+    (path,) = export_checkpoint(weights, "aoti", out=workdir / "aoti-cuda", device="cuda")
+    assert json.loads(path.with_suffix(".json").read_text())["device"] == "cuda"
+    python = Detector.from_export(path, score_thr=SCORE)
+    for photo in photos:
+        found = _cpp_detections(runner, path, photo, "--score-thr", str(SCORE))["detections"]
+        assert len(found) >= 3, f"{photo.name}: the test model should make several detections"
+        _assert_same([d["box"] for d in found], [d["score"] for d in found], [d["label"] for d in found], python(photo))

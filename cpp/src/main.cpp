@@ -3,9 +3,11 @@
 //
 //   rtmdet_run MODEL.pt2 IMAGE [--out FILE] [--sidecar FILE] [--score-thr X] [--nms-pre N]
 //              [--iou-thr X] [--max-det N] [--min-size X] [--threads N] [--dump-canvas FILE] [--time]
+//              [--repeat N]
 //
 // Pre- and post-process are rtmdet.inference's (image.cpp, postprocess.cpp); the post-process
 // defaults come from the sidecar. Any bad input: one line on stderr, exit status 2.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -33,12 +35,13 @@ using rtmdet::RunError;
 
 constexpr const char* kUsage =
     "usage: rtmdet_run MODEL.pt2 IMAGE [--out FILE] [--sidecar FILE] [--score-thr X] [--nms-pre N] "
-    "[--iou-thr X] [--max-det N] [--min-size X] [--threads N] [--dump-canvas FILE] [--time]";
+    "[--iou-thr X] [--max-det N] [--min-size X] [--threads N] [--dump-canvas FILE] [--time] [--repeat N]";
 
 struct Options {
   std::string model, image, sidecar, out, dump_canvas;
   std::map<std::string, double> overrides;  // post-process flags given
   int threads = 0;
+  int repeat = 0;  // with --time: run the model this many more times and report their median
   bool time = false;
 };
 
@@ -59,7 +62,8 @@ Options parse_args(int argc, char** argv) {
   Options o;
   std::vector<std::string> positional;
   const std::map<std::string, bool> numeric = {{"--score-thr", false}, {"--nms-pre", true}, {"--iou-thr", false},
-                                               {"--max-det", true},    {"--min-size", false}, {"--threads", true}};
+                                               {"--max-det", true},    {"--min-size", false}, {"--threads", true},
+                                               {"--repeat", true}};
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     auto value = [&]() -> std::string {
@@ -80,6 +84,7 @@ Options parse_args(int argc, char** argv) {
     } else if (numeric.count(arg)) {
       double v = number_arg(arg, value(), numeric.at(arg));
       if (arg == "--threads") o.threads = static_cast<int>(v);
+      else if (arg == "--repeat") o.repeat = static_cast<int>(v);
       else o.overrides[arg] = v;
     } else if (arg.size() > 1 && arg[0] == '-') {
       throw RunError("unknown option " + arg + " (" + kUsage + ")");
@@ -166,6 +171,14 @@ int run(int argc, char** argv) {
   start = std::chrono::steady_clock::now();
   const std::vector<rtmdet::LevelOutputs> outputs = model.run(lb.canvas);
   const double model_ms = elapsed_ms(start);
+  // The first call pays for warm-up (a GPU's kernels and memory, the CPU's thread pool); --repeat
+  // times the calls after it, each one canvas in and outputs back on the host.
+  std::vector<double> again;
+  for (int i = 0; i < o.repeat; ++i) {
+    start = std::chrono::steady_clock::now();
+    model.run(lb.canvas);
+    again.push_back(elapsed_ms(start));
+  }
 
   start = std::chrono::steady_clock::now();
   std::vector<rtmdet::LevelMaps> levels;
@@ -179,9 +192,17 @@ int run(int argc, char** argv) {
   const std::string text = to_json(o, lb, sidecar, found);
   if (o.out.empty()) std::cout << text << std::flush;
   else write_file(o.out, text);
-  if (o.time)
-    std::fprintf(stderr, "time: load %.1f ms, letterbox %.2f ms, model %.2f ms, postprocess %.2f ms\n", load_ms, pre_ms,
+  if (o.time) {
+    std::fprintf(stderr, "time: load %.1f ms, letterbox %.2f ms, model %.2f ms, postprocess %.2f ms", load_ms, pre_ms,
                  model_ms, post_ms);
+    if (!again.empty()) {
+      std::sort(again.begin(), again.end());
+      const size_t n = again.size();
+      const double median = n % 2 ? again[n / 2] : (again[n / 2 - 1] + again[n / 2]) / 2;
+      std::fprintf(stderr, "; model again: median %.3f ms of %zu", median, n);
+    }
+    std::fprintf(stderr, "\n");
+  }
   return 0;
 }
 

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <sys/stat.h>
 
+#include <ATen/Context.h>
 #include <ATen/Tensor.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/Parallel.h>
@@ -47,13 +48,13 @@ std::string shape_text(const at::Tensor& t) {
   return text + "]";
 }
 
-// One output as a flat float vector, checked to be [1, cells, channels].
+// One output as a flat float vector on the host, checked to be [1, cells, channels].
 std::vector<float> take(const at::Tensor& out, int64_t cells, int64_t channels, const std::string& name,
                         const std::string& where) {
   if (out.dim() != 3 || out.size(0) != 1 || out.size(1) != cells || out.size(2) != channels)
     throw RunError(where + ": output " + name + " has shape " + shape_text(out) + ", not [1, " +
                    std::to_string(cells) + ", " + std::to_string(channels) + "]");
-  at::Tensor flat = out.to(at::kFloat).contiguous();
+  at::Tensor flat = out.cpu().to(at::kFloat).contiguous();
   const float* data = flat.data_ptr<float>();
   return std::vector<float>(data, data + flat.numel());
 }
@@ -64,6 +65,11 @@ AotiModel::AotiModel(const std::string& path, const Sidecar& sidecar) : impl_(st
   check_package_file(path);
   impl_->path = path;
   impl_->sidecar = sidecar;
+  // libtorch.so of a CUDA wheel loads libtorch_cuda, which registers CUDA; no GPU or a CPU-only
+  // libtorch: one line here, not an error from inside the loader.
+  if (sidecar.device == "cuda" && !at::hasCUDA())
+    throw RunError(path + ": a package compiled for cuda, and libtorch here sees no CUDA GPU (export one with "
+                          "--device cpu)");
   try {
     impl_->loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(path);
   } catch (const std::exception& exc) {  // c10::Error for a broken archive or library
@@ -80,6 +86,7 @@ std::vector<LevelOutputs> AotiModel::run(const cv::Mat& canvas) const {
   // HWC uint8 -> NCHW float32 pixels 0..255 (the normalization is inside the package).
   at::Tensor hwc = at::from_blob(canvas.data, {size, size, 3}, at::TensorOptions().dtype(at::kByte));
   at::Tensor input = hwc.permute({2, 0, 1}).unsqueeze(0).to(at::kFloat).contiguous();
+  if (s.device == "cuda") input = input.to(at::Device(at::kCUDA));
   std::vector<at::Tensor> outputs;
   try {
     outputs = impl_->loader->run({input});

@@ -20,14 +20,16 @@ struct LevelOutputs {
 
 class AotiModel {
  public:
-  // Load the package; RunError naming the file when it is missing or not a loadable package.
+  // Load the package; RunError naming the file when it is missing or not a loadable package, or
+  // compiled for cuda where libtorch sees no GPU.
   AotiModel(const std::string& path, const Sidecar& sidecar);
   ~AotiModel();
   AotiModel(const AotiModel&) = delete;
   AotiModel& operator=(const AotiModel&) = delete;
 
-  // Run one size x size x 3 uint8 BGR canvas; per level, in stride order. RunError when the
-  // package's outputs are not those its sidecar describes.
+  // Run one size x size x 3 uint8 BGR canvas on the package's device (the sidecar's: cpu or
+  // cuda; the outputs come back to the host, which waits for the GPU); per level, in stride
+  // order. RunError when the package's outputs are not those its sidecar describes.
   std::vector<LevelOutputs> run(const cv::Mat& canvas) const;
 
  private:

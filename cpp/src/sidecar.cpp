@@ -109,9 +109,8 @@ Sidecar read_sidecar(const std::string& path) {
     throw RunError(path + ": the sidecar of a " + s.format + " export; rtmdet_run runs AOTInductor packages "
                           "(rtmdet export --format aoti)");
   s.device = read.text("device");
-  if (s.device != "cpu")
-    throw RunError(path + ": a package compiled for " + s.device + "; this rtmdet_run runs CPU packages "
-                          "(rtmdet export --format aoti --device cpu)");
+  if (s.device != "cpu" && s.device != "cuda")
+    throw RunError(path + ": a package compiled for " + s.device + "; rtmdet_run runs cpu and cuda packages");
   if (read.text("input_dtype") != "float32" || read.text("input_layout") != "NCHW")
     read.fail("input_dtype/input_layout", "float32 and NCHW for an AOTInductor package");
   s.classes = read.names("classes");
