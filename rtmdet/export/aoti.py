@@ -89,8 +89,10 @@ def export_aoti(model: "RTMDet", path: str | Path, *, classes: list[str] | None 
 
 
 def _build_and_check(model: "RTMDet", wrapper, example, package_path: str, device: str) -> dict[str, float]:
-    """Compile the package and check it against torch (build_loadable)."""
-    return build_loadable(lambda cxx: _compile(wrapper, example, package_path, cxx),
+    """torch.export the wrapper once, then compile the package and check it against torch
+    (build_loadable: again with another C++ compiler where it crashes as it loads)."""
+    program = _export(wrapper, example)
+    return build_loadable(lambda cxx: _compile(program, package_path, cxx),
                           lambda: check_aoti(model, package_path, device, rtol=RTOL[device]), device)
 
 
@@ -145,9 +147,20 @@ def compilers() -> list[str]:
     return list(found.values())
 
 
-def _compile(wrapper, example, package_path: str, cxx: str | None = None) -> None:
-    """torch.export the wrapper at its one static shape, then AOTInductor-compile and package it
-    (with C++ compiler `cxx`; None: Inductor's choice)."""
+def _export(wrapper, example):
+    """torch.export the wrapper at its one static shape."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            return torch.export.export(wrapper, (example,), strict=False)
+    except Exception as exc:  # torch.export raises many unrelated types
+        raise ExportError(f"AOTInductor could not compile the model: {first_line(exc)}") from None
+
+
+def _compile(program, package_path: str, cxx: str | None = None) -> None:
+    """AOTInductor-compile and package an exported program (with C++ compiler `cxx`; None:
+    Inductor's choice)."""
     import torch
     from torch._inductor import aoti_compile_and_package
 
@@ -156,9 +169,8 @@ def _compile(wrapper, example, package_path: str, cxx: str | None = None) -> Non
         configs["cpp.cxx"] = (cxx,)
     try:
         with torch.no_grad():
-            program = torch.export.export(wrapper, (example,), strict=False)
             aoti_compile_and_package(program, package_path=package_path, inductor_configs=configs)
-    except Exception as exc:  # torch.export and Inductor raise many unrelated types (and C++ compiler errors)
+    except Exception as exc:  # Inductor raises many unrelated types (and C++ compiler errors)
         raise ExportError(f"AOTInductor could not compile the model: {first_line(exc)}") from None
 
 
