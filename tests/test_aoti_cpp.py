@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -385,6 +386,22 @@ def test_cpp_time_repeat_reports_the_median_of_the_calls_after_the_first(runner,
     assert proc.returncode == 0, proc.stderr
     assert re.fullmatch(r"time: load [\d.]+ ms, letterbox [\d.]+ ms, model [\d.]+ ms, postprocess [\d.]+ ms; "
                         r"model again: median [\d.]+ ms of 3\n", proc.stderr), proc.stderr
+
+
+def test_canvas_check_runs_the_runners_code_as_python_does(package, photos):
+    """benchmarks/aoti_cpp_check.py (how the runner's CUDA path was checked on a GPU machine without
+    OpenCV) builds cpp/src's model and post-process with its stand-in cv::Mat and agrees with
+    Detector on the same canvas; a compiler that is not there is a row, not a traceback."""
+    if shutil.which("g++") is None:
+        _unavailable("g++ not found")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "aoti_cpp_check.py"), "--package", str(package),
+                           "--photo", str(photos[0]), "--score-thr", str(SCORE), "--repeat", "2",
+                           "--cxx", "g++", "no-such-c++"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    built, missing = (json.loads(line) for line in proc.stdout.splitlines())
+    assert built["n_cpp"] == built["n_python"] >= 3 and built["labels_equal"], built
+    assert built["max_box_px"] <= BOX_TOL and built["max_score"] <= SCORE_TOL, built
+    assert missing == {"cxx": "no-such-c++", "build_failed": "no-such-c++: compiler not found"}
 
 
 @pytest.mark.gpu
