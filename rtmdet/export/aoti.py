@@ -105,7 +105,9 @@ def build_loadable(build: Callable[[str | None], None], check: Callable[[], T], 
     compiler that built it matters. Seen on an H200 machine with torch 2.11: every package built
     with its CXX=/opt/gcc/bin/g++ (a script running another build of g++ 13.3 with its own -B and
     -isystem paths) crashed in std::regex as it loaded, CPU and CUDA alike; the same CUDA packages
-    built with /usr/bin/g++ load and run. Why that compiler's packages crash is not known."""
+    built with /usr/bin/g++ load and run (2026-12-02: the whole export ran there, falling back to
+    it). Why that compiler's builds crash is not known: a C++ program built with it that runs a
+    package built with /usr/bin/g++ crashes too (benchmarks/aoti_cpp_check.py)."""
     tried: list[str] = []
     for cxx in compilers() or [None]:
         if tried:
