@@ -56,7 +56,7 @@ def _tune(data, **knobs):
     dataset, calib = data
     model = _lively_model(calib).eval()
     q = prepare_qat(model)
-    params = QATParams(epochs=2, lr=2e-4, batch_size=4, freeze_observers_epoch=0, workers=0, **knobs)
+    params = QATParams(epochs=4, lr=2e-4, batch_size=4, freeze_observers_epoch=0, workers=0, **knobs)
     result = finetune(q, dataset, params, TrainParams(base_batch_size=4), calib, torch.device("cpu"),
                       progress=False, teacher=model)
     x = torch.from_numpy(calib).permute(0, 3, 1, 2)
@@ -66,13 +66,16 @@ def _tune(data, **knobs):
 
 
 def test_distilled_qat_stays_closer_to_the_float_model_than_label_qat(data):
-    # The labels pull a random detector's outputs far from what it answered (gap 1.75 here); the
-    # pull toward the float model's outputs keeps its int8 copy near them (0.60 at weight 50).
+    # The labels pull a random detector's outputs far from what it answered; the pull toward the
+    # float model's outputs keeps its int8 copy near them. Fake quantization makes the few steps
+    # chaotic: on one Xeon at 4 epochs, torch's thread count alone (1 to 8) moved the labels' gap
+    # over 2.0-2.6 and the distilled one over 0.31-1.26, their ratio over 0.13-0.62 (at 2 epochs
+    # up to 0.76, hence 4 here). Without the distillation the ratio is 1.
     _, labels_only, gap_labels = _tune(data)
     _, distilled, gap_distilled = _tune(data, distill_weight=50.0)
     assert "loss_distill" not in labels_only.history[-1]
     assert distilled.history[-1]["loss_distill"] > 0
-    assert gap_distilled < 0.5 * gap_labels
+    assert gap_distilled < 0.75 * gap_labels, (gap_distilled, gap_labels)
 
 
 def test_ema_leaves_the_average_of_the_steps_weights(data, monkeypatch):
