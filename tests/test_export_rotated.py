@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import max_rel_diff
 from test_rotated_training import make_rotated_dataset
 
 SIZE = 64
@@ -131,20 +130,15 @@ def inputs(valid_canvases) -> torch.Tensor:
     return torch.cat([torch.from_numpy(fixed_inputs(SIZE, 2, seed=5)), valid_canvases])
 
 
-def _max_diffs(backend, ref_backend, images: torch.Tensor) -> tuple[float, float, float]:
+def _diffs(backend, ref_backend, images: torch.Tensor, reduce: str = "max") -> tuple[float, float, float]:
     """Over levels, the largest relative difference of scores and of distances, and the largest
-    absolute difference of angles (radians): see TOLERANCE."""
-    (cls, reg, ang), (cls0, reg0, ang0) = backend(images), ref_backend(images)
-    return (max_rel_diff([c.sigmoid() for c in cls], [c.sigmoid() for c in cls0]), max_rel_diff(reg, reg0),
-            max(float((a - a0).abs().max()) for a, a0 in zip(ang, ang0)))
-
-
-def _mean_diffs(backend, ref_backend, images: torch.Tensor) -> tuple[float, float, float]:
-    """_max_diffs with each level's mean difference in place of its largest (same scales)."""
+    absolute difference of angles (radians): see TOLERANCE. reduce="mean": each level's mean
+    difference in place of its largest (same scales; see INT8_MEAN_TOLERANCE)."""
     (cls, reg, ang), (cls0, reg0, ang0) = backend(images), ref_backend(images)
 
     def worst(ours, ref, relative=True):
-        return max(float((a - b).abs().mean() / (b.abs().max() if relative else 1)) for a, b in zip(ours, ref))
+        return max(float(getattr((a - b).abs(), reduce)() / (b.abs().max() if relative else 1))
+                   for a, b in zip(ours, ref))
 
     return (worst([c.sigmoid() for c in cls], [c.sigmoid() for c in cls0]), worst(reg, reg0),
             worst(ang, ang0, relative=False))
@@ -186,7 +180,7 @@ def test_onnx_gives_torchs_maps_per_level(onnx_file, model, inputs):
     from rtmdet.export.backends import OnnxRuntimeBackend
     from rtmdet.inference.backends import TorchBackend
 
-    diffs = _max_diffs(OnnxRuntimeBackend(onnx_file), TorchBackend(model), inputs)
+    diffs = _diffs(OnnxRuntimeBackend(onnx_file), TorchBackend(model), inputs)
     assert all(d <= t for d, t in zip(diffs, TOLERANCE["onnx"])), diffs
 
 
@@ -267,9 +261,9 @@ def test_tflite_gives_torchs_maps_per_level(tflite_files, model, inputs, valid_c
 
     backend, ref = TFLiteBackend(tflite_files[precision]), TorchBackend(model)
     if precision == "int8":  # by each level's mean difference: see INT8_MEAN_TOLERANCE
-        diffs, limits = _mean_diffs(backend, ref, valid_canvases), INT8_MEAN_TOLERANCE
+        diffs, limits = _diffs(backend, ref, valid_canvases, "mean"), INT8_MEAN_TOLERANCE
     else:
-        diffs, limits = _max_diffs(backend, ref, inputs), TOLERANCE[precision]
+        diffs, limits = _diffs(backend, ref, inputs), TOLERANCE[precision]
     assert all(d <= t for d, t in zip(diffs, limits)), diffs
 
 
